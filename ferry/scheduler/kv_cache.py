@@ -1,0 +1,36 @@
+"""KV cache preallocated to the run's context length; rollback is moving the length back."""
+
+from __future__ import annotations
+
+import torch
+
+from ferry.errors import FerryError
+from ferry.model.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values [layers, kv_heads, capacity, head_dim]; positions >= `length` are free.
+
+    Allocated once so the decode loop never allocates; a rejected draft is undone by `rollback`,
+    which only moves `length` (stale entries are overwritten by the next write).
+    """
+
+    def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device):
+        if capacity < 1:
+            raise FerryError(f"context length must be at least 1, got {capacity}")
+        shape = (cfg.num_layers, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back to {length}: cache holds {self.length} positions")
+        self.length = length
