@@ -1,0 +1,141 @@
+"""Command line: `ferry generate` (and `python -m ferry generate`).
+
+Mistakes a user can fix end with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Iterator
+
+from ferry.errors import FerryError
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(f"must be in {bracket}{low}, {high}], got {text}")
+        return value
+
+    return parse
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="compute dtype (auto: bf16 on CPU, the checkpoint's half precision on GPU)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
+    p.add_argument("--ctx", type=_int_at_least(1), help="KV cache length in tokens (default: prompt + max new tokens)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferry", description="Run large language models on one GPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text from prompts",
+                         description="Generate text; tokens stream to stdout as they are produced.")
+    add_model_args(gen)
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", help="the prompt (default: read from stdin)")
+    src.add_argument("--prompt-file", help="one prompt a line, or JSON lines with a \"prompt\" field")
+    gen.add_argument("-n", "--max-new-tokens", type=_int_at_least(0), default=256)
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="wrap the prompt in the chat template (default: on when the tokenizer has one)")
+    gen.add_argument("--temperature", type=_float_in(0, math.inf), default=0.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=_float_in(0, 1, low_open=True), default=1.0)
+    gen.add_argument("--seed", type=int, help="random seed for sampling")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt instead of streamed text")
+    return parser
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return list(_parse_prompt_lines(f, args.prompt_file))
+        except OSError as err:
+            raise FerryError(f"cannot read --prompt-file: {err}") from None
+    if sys.stdin.isatty():
+        raise FerryError("no prompt: pass -p TEXT, --prompt-file FILE, or pipe the prompt to stdin")
+    return [sys.stdin.read().rstrip("\n")]
+
+
+def _parse_prompt_lines(lines, name: str) -> Iterator[str]:
+    for number, line in enumerate(lines, 1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                prompt = json.loads(line).get("prompt")
+            except (json.JSONDecodeError, AttributeError):
+                prompt = None
+            if not isinstance(prompt, str):
+                raise FerryError(f"{name}:{number}: a JSON line needs a string \"prompt\" field")
+            yield prompt
+        else:
+            yield line
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    import ferry
+
+    prompts = read_prompts(args)
+    engine = ferry.load(args.model, dtype=args.dtype, device=args.device, ctx=args.ctx)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, chat=args.chat)
+    for prompt in prompts:
+        if args.json:
+            result = engine.generate(prompt, **options).to_dict()
+            print(json.dumps(result, ensure_ascii=False), flush=True)
+            continue
+        for token in engine.stream(prompt, **options):
+            sys.stdout.write(token.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        if args.command == "generate":
+            run_generate(args)
+    except FerryError as err:
+        print(f"ferry: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (ferry ... | head); nothing left to say
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
