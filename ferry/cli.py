@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=_float_in(0, math.inf), default=0.0, help="0 is greedy")
     gen.add_argument("--top-p", type=_float_in(0, 1, low_open=True), default=1.0)
     gen.add_argument("--seed", type=int, help="random seed for sampling")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt instead of streamed text")
     return parser
 
@@ -105,7 +106,7 @@ def run_generate(args: argparse.Namespace) -> None:
     prompts = read_prompts(args)
     engine = ferry.load(args.model, dtype=args.dtype, device=args.device, ctx=args.ctx)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, seed=args.seed, chat=args.chat)
+                   top_p=args.top_p, seed=args.seed, chat=args.chat, ignore_eos=args.ignore_eos)
     for prompt in prompts:
         if args.json:
             result = engine.generate(prompt, **options).to_dict()

@@ -109,25 +109,30 @@ class Engine:
     def stream(
         self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
         top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
+        ignore_eos: bool = False,
     ) -> TokenStream:
-        """Tokens as they are produced; the finished Generation is on `.result` afterwards."""
+        """Tokens as they are produced; the finished Generation is on `.result` afterwards.
+
+        ignore_eos keeps generating past stop tokens (for benchmarks that need fixed lengths).
+        """
         if max_new_tokens < 0:
             raise FerryError(f"max new tokens must be >= 0, got {max_new_tokens}")
         sampler = Sampler(SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))
         ids = encode_prompt(self.tokenizer, prompt, chat)
         self._prepare_context(len(ids), max_new_tokens)
         stream = TokenStream(iter(()))
-        stream._tokens = self._run(stream, prompt, ids, max_new_tokens, sampler)
+        stop_ids = frozenset() if ignore_eos else self.stop_ids
+        stream._tokens = self._run(stream, prompt, ids, max_new_tokens, sampler, stop_ids)
         return stream
 
-    def _run(self, stream, prompt, ids, max_new_tokens, sampler) -> Iterator[Token]:
+    def _run(self, stream, prompt, ids, max_new_tokens, sampler, stop_ids) -> Iterator[Token]:
         times = DecodeTimes()
         detok = Detokenizer(self.tokenizer)
         prompt_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         new: list[int] = []
         tokens = decode_dense(
             self.config, self.weights, self.rope, self.cache, prompt_ids, max_new_tokens,
-            sampler, self.stop_ids, times,
+            sampler, stop_ids, times,
         )
         for token in tokens:
             new.append(token)

@@ -1,0 +1,145 @@
+"""`ferry generate` end to end on tiny checkpoints, and a clear exit-2 error for each bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from ferry.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_fields(tiny_model_dir, capsys):
+    code, out, _ = run(capsys, "generate", "-m", str(tiny_model_dir()), "-p", "The capital",
+                       "-n", "5", "--json", "--dtype", "fp32")
+    assert code == 0
+    result = json.loads(out)
+    assert result["prompt"] == "The capital"
+    assert len(result["token_ids"]) == result["stats"]["new_tokens"] <= 5
+    assert set(result["stats"]) >= {"prompt_tokens", "new_tokens", "prefill_s", "decode_s", "tokens_per_s"}
+    assert result["stats"]["prompt_tokens"] > 0
+
+
+def test_streamed_text_equals_json_text(tiny_model_dir, capsys):
+    folder = str(tiny_model_dir())
+    _, streamed, _ = run(capsys, "generate", "-m", folder, "-p", "Count to ten", "-n", "12")
+    _, out, _ = run(capsys, "generate", "-m", folder, "-p", "Count to ten", "-n", "12", "--json")
+    assert streamed == json.loads(out)["text"] + "\n"
+
+
+def test_prompt_file_plain_and_json_lines(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('A quick brown fox\n\n{"prompt": "def add(a, b):", "id": 7}\n')
+    code, out, _ = run(capsys, "generate", "-m", str(tiny_model_dir()), "--prompt-file", str(prompts),
+                       "-n", "3", "--json")
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in lines] == ["A quick brown fox", "def add(a, b):"]
+
+
+def test_sampling_is_reproducible_with_seed(tiny_model_dir, capsys):
+    args = ["generate", "-m", str(tiny_model_dir()), "-p", "The", "-n", "10", "--json",
+            "--temperature", "1.0", "--top-p", "0.9", "--seed", "5"]
+    first = json.loads(run(capsys, *args)[1])["token_ids"]
+    assert json.loads(run(capsys, *args)[1])["token_ids"] == first
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-n", "-1"], "max-new-tokens"),
+    (["--temperature", "-0.5"], "temperature"),
+    (["--top-p", "0"], "top-p"),
+    (["--top-p", "1.5"], "top-p"),
+    (["--ctx", "0"], "ctx"),
+    (["--dtype", "fp8"], "dtype"),
+])
+def test_invalid_flags_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "-p", "hi", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def expect_error(capsys, argv, message: str) -> None:
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_missing_path(capsys, tmp_path):
+    expect_error(capsys, ["generate", "-m", str(tmp_path / "nope"), "-p", "hi"], "no such model")
+
+
+def test_folder_without_config(capsys, tmp_path):
+    expect_error(capsys, ["generate", "-m", str(tmp_path), "-p", "hi"], "no config.json")
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, _, err = run(capsys, "generate", "-m", str(tmp_path), "-p", "hi")
+    assert code == 2
+    assert "'gpt2'" in err and "llama, mistral, qwen2" in err
+
+
+def test_missing_shard(capsys, tmp_path, tiny_model_dir):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama3", max_shard_size="200KB"), folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    (folder / victim).unlink()
+    expect_error(capsys, ["generate", "-m", str(folder), "-p", "hi"], f"shard {victim}")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors(damage, capsys, tmp_path, tiny_model_dir):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07garbage" * 50)
+    expect_error(capsys, ["generate", "-m", str(folder), "-p", "hi"], "truncated or corrupt")
+
+
+def test_prompt_longer_than_context(capsys, tiny_model_dir):
+    expect_error(capsys, ["generate", "-m", str(tiny_model_dir()), "--ctx", "4", "-p",
+                          "A quick brown fox jumps over the lazy dog"], "more than the context")
+
+
+def test_chat_without_template(capsys, tiny_model_dir):
+    expect_error(capsys, ["generate", "-m", str(tiny_model_dir()), "--chat", "-p", "hi"], "no chat template")
+
+
+def test_bad_prompt_file_line(capsys, tmp_path, tiny_model_dir):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    expect_error(capsys, ["generate", "-m", str(tiny_model_dir()), "--prompt-file", str(bad)], "p.jsonl:1")
+
+
+def test_missing_prompt_file(capsys, tmp_path):
+    expect_error(capsys, ["generate", "--prompt-file", str(tmp_path / "none.txt")], "cannot read")
+
+
+def test_context_limit_stops_generation(tiny_model_dir, capsys):
+    code, out, _ = run(capsys, "generate", "-m", str(tiny_model_dir()), "--ctx", "12", "-p", "The capital",
+                       "-n", "50", "--json")
+    stats = json.loads(out)["stats"]
+    assert code == 0 and stats["finish_reason"] == "context"
+    assert stats["prompt_tokens"] + stats["new_tokens"] == 13  # the last token needs no cache slot
+
+
+def test_python_dash_m_reads_stdin(tiny_model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ferry", "generate", "-m", str(tiny_model_dir()), "-n", "3", "--json"],
+        input="The capital\n", capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["prompt"] == "The capital"

