@@ -41,12 +41,33 @@ def _float_in(low: float, high: float, low_open: bool = False):
     return parse
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def _size(text: str) -> int:
+    from ferry.offload.planner import parse_size
+
+    try:
+        return parse_size(text)
+    except FerryError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_model_args(p: argparse.ArgumentParser, ctx_help: str) -> None:
     p.add_argument("-m", "--model", help="model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="compute dtype (auto: bf16 on CPU, the checkpoint's half precision on GPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
-    p.add_argument("--ctx", type=_int_at_least(1), help="KV cache length in tokens (default: prompt + max new tokens)")
+    p.add_argument("--ctx", type=_int_at_least(1), help=ctx_help)
+    p.add_argument("--gpu-memory", type=_size, metavar="SIZE",
+                   help="device budget, e.g. 20GiB; layers beyond it stream from host memory "
+                        "(default: free device memory minus 1 GiB; on a CPU-only machine, the CPU tier's budget)")
+    p.add_argument("--prefetch-depth", type=_int_at_least(1), default=2,
+                   help="streaming slots: layers in flight ahead of compute (default 2)")
+
+
+def add_stream_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--link-gbps", type=_float_in(0, math.inf, low_open=True), metavar="X",
+                   help="CPU device only: emulate a host-to-device link of X GB/s (tests, benchmarks)")
+    p.add_argument("--schedule", choices=["serial", "pipelined"], default="pipelined",
+                   help="pipelined prefetch (default) or serial fetch-then-compute (the oracle)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from prompts",
                          description="Generate text; tokens stream to stdout as they are produced.")
-    add_model_args(gen)
+    add_model_args(gen, "KV cache length in tokens (default: longest prompt + max new tokens)")
+    add_stream_args(gen)
     src = gen.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="the prompt (default: read from stdin)")
     src.add_argument("--prompt-file", help="one prompt a line, or JSON lines with a \"prompt\" field")
@@ -66,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="random seed for sampling")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt instead of streamed text")
+    plan = sub.add_parser("plan", help="show what stays on the device and what streams",
+                          description="The memory plan from a model's config alone (no weights are read).")
+    add_model_args(plan, "context to reserve the KV cache for (default: min(4096, the model's maximum))")
+    plan.add_argument("--host-memory", type=_size, metavar="SIZE",
+                      help="host budget (default: this machine's available memory)")
+    plan.add_argument("--json", action="store_true", help="one JSON object")
     return parser
 
 
@@ -101,10 +129,27 @@ def _parse_prompt_lines(lines, name: str) -> Iterator[str]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    import ferry
+    from ferry.engine import Engine, RuntimeConfig, load_tokenizer
+    from ferry.offload.planner import OffloadConfig, fmt_bytes
+    from ferry.offload.sources import resolve_model
+    from ferry.offload.checkpoint import load_hf_config
+    from ferry.text import encode_prompt
 
     prompts = read_prompts(args)
-    engine = ferry.load(args.model, dtype=args.dtype, device=args.device, ctx=args.ctx)
+    offload = OffloadConfig(gpu_memory=args.gpu_memory, prefetch_depth=args.prefetch_depth,
+                            link_gbps=args.link_gbps, schedule=args.schedule)
+    folder = resolve_model(args.model)
+    tokenizer = load_tokenizer(folder)
+    ctx = args.ctx
+    if ctx is None:  # reserve what this run needs, not the model's maximum context
+        longest = max(len(encode_prompt(tokenizer, p, args.chat)) for p in prompts)
+        ctx = min(longest + max(1, args.max_new_tokens), load_hf_config(folder).max_position_embeddings)
+    runtime = RuntimeConfig(dtype=args.dtype, device=args.device, ctx=ctx)
+    engine = Engine(folder, runtime=runtime, offload=offload, tokenizer=tokenizer)
+    if engine.plan.streamed_layers:
+        print(f"ferry: {len(engine.plan.streamed_layers)} of {engine.config.num_layers} layers stream "
+              f"from host memory, {fmt_bytes(engine.plan.bytes_per_token['dense'])} per token",
+              file=sys.stderr)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, chat=args.chat, ignore_eos=args.ignore_eos)
     for prompt in prompts:
@@ -119,6 +164,32 @@ def run_generate(args: argparse.Namespace) -> None:
         sys.stdout.flush()
 
 
+def run_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from ferry.model.config import ModelConfig
+    from ferry.offload.planner import OffloadConfig, default_budgets, describe, make_plan
+    from ferry.offload.sources import resolve_config
+
+    cfg = ModelConfig.from_hf(resolve_config(args.model))
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and args.gpu_memory is None and not torch.cuda.is_available():
+        raise FerryError("no CUDA device here: give --gpu-memory to plan for a GPU")
+    offload = OffloadConfig(gpu_memory=args.gpu_memory, host_memory=args.host_memory,
+                            prefetch_depth=args.prefetch_depth)
+    budget, host = default_budgets(device, offload)
+    dtype_bytes = 4 if args.dtype == "fp32" else 2
+    ctx = args.ctx or min(4096, cfg.max_position_embeddings)
+    plan = make_plan(cfg, dtype_bytes=dtype_bytes, budget_bytes=budget, host_available_bytes=host,
+                     ctx=ctx, prefetch_depth=args.prefetch_depth, device=device)
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+    else:
+        print(describe(plan, cfg, str(args.model or "SmolLM2-135M-Instruct (embedded)")))
+    plan.check()  # a plan that does not fit is printed, then reported as an error (exit 2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -127,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
+        elif args.command == "plan":
+            run_plan(args)
     except FerryError as err:
         print(f"ferry: error: {err}", file=sys.stderr)
         return 2

@@ -16,14 +16,17 @@ from ferry.errors import FerryError
 from ferry.kernels.reference import rope_tables
 from ferry.model.forward import Rope
 from ferry.offload.checkpoint import open_checkpoint
-from ferry.offload.loader import load_weights
+from ferry.offload.loader import LoadReport, load_model
+from ferry.offload.planner import OffloadConfig, Plan, default_budgets, make_plan, parse_size
 from ferry.offload.sources import resolve_model
+from ferry.offload.transfer import CudaLink, EmulatedLink, InOrderLink
 from ferry.scheduler.decode import DecodeTimes, decode_dense
 from ferry.scheduler.kv_cache import KVCache
 from ferry.scheduler.sampling import Sampler, SamplingConfig
 from ferry.text import Detokenizer, encode_prompt
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_CTX = 4096  # context planned for when neither ctx nor a request says otherwise
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ class GenerationStats:
     decode_s: float
     tokens_per_s: float  # decode steps per second (the first token comes from prefill)
     finish_reason: str  # stop (a stop token), length (max new tokens) or context (cache full)
+    h2d_bytes: int  # bytes copied host -> device during this generation
+    h2d_bytes_per_token: float  # per new token
+    h2d_gbps: float  # achieved while the link was busy
+    overlap: float  # fraction of transfer time hidden behind compute
 
 
 @dataclass(frozen=True)
@@ -85,19 +92,37 @@ class TokenStream:
 
 
 class Engine:
-    def __init__(self, model: str | os.PathLike | None = None, *, runtime: RuntimeConfig, progress: bool = True):
-        self.runtime = runtime
+    def __init__(
+        self, model: str | os.PathLike | None = None, *, runtime: RuntimeConfig = RuntimeConfig(),
+        offload: OffloadConfig = OffloadConfig(), progress: bool = True, tokenizer=None,
+    ):
+        self.runtime, self.offload = runtime, offload
         self.folder = resolve_model(model)
         self.checkpoint = open_checkpoint(self.folder)
         self.config = self.checkpoint.config
         self.device = torch.device(_pick_device(runtime.device))
         self.dtype = _pick_dtype(runtime.dtype, self.checkpoint.hf_config, self.device)
-        self.tokenizer = _load_tokenizer(self.folder)
+        self.tokenizer = tokenizer or load_tokenizer(self.folder)
         self.stop_ids = _stop_ids(self.checkpoint.hf_config, self.tokenizer, self.folder)
-        self.weights = load_weights(self.checkpoint, self.dtype, self.device, progress=progress)
+        self.plan: Plan = self._make_plan().check()
+        self.link = _make_link(self.device, offload.link_gbps)
+        self.weights, self.load_report = load_model(
+            self.checkpoint, self.plan, self.dtype, self.device, self.link,
+            pipelined=offload.schedule == "pipelined", progress=progress)
         self.cache: KVCache | None = None
         self.rope: Rope | None = None
 
+    def _make_plan(self) -> Plan:
+        budget, host = default_budgets(self.device.type, self.offload)
+        ctx = self.runtime.ctx or min(self.config.max_position_embeddings, DEFAULT_CTX)
+        return make_plan(
+            self.config, dtype_bytes=torch.finfo(self.dtype).bits // 8, budget_bytes=budget,
+            host_available_bytes=host, ctx=ctx, prefetch_depth=self.offload.prefetch_depth,
+            device=self.device.type)
+
+    def close(self) -> None:
+        """Stop the link's worker (emulated link); the engine is unusable afterwards."""
+        self.link.close()
     def generate(self, prompt: str, **options) -> Generation:
         """Generate to completion; see `stream` for the options."""
         stream = self.stream(prompt, **options)
@@ -130,6 +155,7 @@ class Engine:
         detok = Detokenizer(self.tokenizer)
         prompt_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         new: list[int] = []
+        link_before = self.link.stats()
         tokens = decode_dense(
             self.config, self.weights, self.rope, self.cache, prompt_ids, max_new_tokens,
             sampler, stop_ids, times,
@@ -141,28 +167,51 @@ class Engine:
         if tail:
             yield Token(-1, tail)
         rate = times.steps / times.decode_s if times.decode_s > 0 else 0.0
-        stats = GenerationStats(len(ids), len(new), times.prefill_s, times.decode_s, rate, times.finish_reason)
+        link = self.link.stats().minus(link_before)
+        stats = GenerationStats(
+            len(ids), len(new), times.prefill_s, times.decode_s, rate, times.finish_reason,
+            link.bytes, link.bytes / max(1, len(new)), link.gbps, link.overlap)
         stream.result = Generation(prompt, detok.text, new, stats)
 
     def _prepare_context(self, prompt_len: int, max_new_tokens: int) -> None:
         """Size the KV cache and rope tables for this request (allocating only when they grow)."""
-        limit = self.config.max_position_embeddings
+        limit = self.plan.ctx  # what the memory plan reserved
         need = self.runtime.ctx or min(limit, prompt_len + max(max_new_tokens, 1))
-        if prompt_len > need or prompt_len > limit:
+        if prompt_len > limit:
+            hint = "" if self.runtime.ctx else " (load with a larger ctx)"
             raise FerryError(
-                f"the prompt has {prompt_len} tokens, more than the context of "
-                f"{min(need, limit)} tokens"
-            )
+                f"the prompt has {prompt_len} tokens, more than the context of {limit} tokens{hint}")
         if self.cache is None or self.cache.capacity < need:
             self.cache = KVCache(self.config, need, self.dtype, self.device)
             cos, sin = rope_tables(self.config.rope, self.config.head_dim, need, self.dtype, self.device)
             self.rope = Rope(cos, sin)
 
 
-def load(model: str | os.PathLike | None = None, *, dtype: str = "auto", device: str = "auto",
-         ctx: int | None = None, progress: bool = True) -> Engine:
-    """Load a model (a folder, a .gguf file, a hub id, or None for the embedded default)."""
-    return Engine(model, runtime=RuntimeConfig(dtype=dtype, device=device, ctx=ctx), progress=progress)
+def load(
+    model: str | os.PathLike | None = None, *, dtype: str = "auto", device: str = "auto",
+    ctx: int | None = None, gpu_memory: int | str | None = None, prefetch_depth: int = 2,
+    link_gbps: float | None = None, schedule: str = "pipelined", progress: bool = True,
+) -> Engine:
+    """Load a model (a folder, a .gguf file, a hub id, or None for the embedded default).
+
+    gpu_memory (bytes or a size such as "20GiB") caps what stays on the device; layers that do
+    not fit stream from host memory. ctx reserves the KV cache (default: min(4096, the model's
+    maximum)).
+    """
+    if isinstance(gpu_memory, str):
+        gpu_memory = parse_size(gpu_memory)
+    offload = OffloadConfig(gpu_memory=gpu_memory, prefetch_depth=prefetch_depth,
+                            link_gbps=link_gbps, schedule=schedule)
+    runtime = RuntimeConfig(dtype=dtype, device=device, ctx=ctx)
+    return Engine(model, runtime=runtime, offload=offload, progress=progress)
+
+
+def _make_link(device: torch.device, link_gbps: float | None):
+    if device.type == "cuda":
+        if link_gbps is not None:
+            raise FerryError("--link-gbps emulates a link on the CPU device only; a GPU has a real one")
+        return CudaLink(device)
+    return EmulatedLink(link_gbps) if link_gbps else InOrderLink()
 
 
 def _pick_device(device: str) -> str:
@@ -180,7 +229,7 @@ def _pick_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def _load_tokenizer(folder):
+def load_tokenizer(folder):
     from transformers import AutoTokenizer
 
     try:

@@ -27,7 +27,7 @@ def tiny_config(family: str):
 
     cls_name, extra = FAMILIES[family]
     return getattr(transformers, cls_name)(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra,
     )

@@ -52,3 +52,25 @@ def test_gguf_conversion_matches_transformers_gguf_loader(engine):
                  "model.layers.29.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"]:
         torch.testing.assert_close(reader.get(name).float(), state[name].to(torch.bfloat16).float(),
                                    atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("options", [
+    dict(gpu_memory="100MiB", prefetch_depth=2),
+    dict(gpu_memory="120MiB", prefetch_depth=3, link_gbps=20.0),
+    dict(gpu_memory="100MiB", prefetch_depth=1, link_gbps=20.0, schedule="serial"),
+])
+def test_streamed_default_model_matches_resident(engine, options):
+    streamed = ferry.load(progress=False, ctx=256, **options)
+    try:
+        assert streamed.plan.streamed_layers, "the budget should force streaming"
+        for prompt in ["What is the capital of France?", "Write a haiku about ferries."]:
+            want = engine.generate(prompt, max_new_tokens=16, ignore_eos=True)
+            got = streamed.generate(prompt, max_new_tokens=16, ignore_eos=True)
+            assert got.token_ids == want.token_ids
+            per_token = len(streamed.plan.streamed_layers) * streamed.plan.layer_bytes
+            assert got.stats.h2d_bytes == 16 * per_token  # one full stream per forward pass
+        # Loading packs each layer straight into the host store: no second copy of the model.
+        report = streamed.load_report
+        assert report.peak_rss_bytes - report.rss_before_bytes < 1.5 * report.host_store_bytes + (64 << 20)
+    finally:
+        streamed.close()

@@ -17,10 +17,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up for a fused [..., 2I] projection whose first half is the gate."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+def bundled_mlp(x: torch.Tensor, bundle: torch.Tensor) -> torch.Tensor:
+    """down(SiLU(gate(x)) * up(x)) for x [S, H] over a bundle [n, 3, H] of n neurons.
+
+    Works for any subset of neurons: the MLP over all I neurons equals the sum of the MLPs over
+    a partition of them (the selected rows plus their complement).
+    """
+    gate = F.linear(x, bundle[:, 0])  # [S, n]
+    up = F.linear(x, bundle[:, 1])
+    return torch.matmul(F.silu(gate) * up, bundle[:, 2])  # [S, H]
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:

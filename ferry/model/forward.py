@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ferry.kernels.reference import apply_rope, rms_norm, silu_mul
+from ferry.kernels.reference import apply_rope, bundled_mlp, rms_norm
 from ferry.model.config import ModelConfig
 from ferry.model.weights import LayerWeights, ModelWeights
 from ferry.scheduler.kv_cache import KVCache
@@ -61,18 +61,13 @@ def attention(
     return F.linear(out, w.o)
 
 
-def mlp(w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-    """down(SiLU(gate(x)) * up(x)) for x [S, H]."""
-    return F.linear(silu_mul(F.linear(x, w.gate_up)), w.down)
-
-
 def decoder_layer(
     cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cache: KVCache, index: int,
     start: int, cos: torch.Tensor, sin: torch.Tensor,
 ) -> torch.Tensor:
     h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
     x = x + attention(cfg, w, h, cache.k[index], cache.v[index], start, cos, sin)
-    return x + mlp(w, rms_norm(x, w.mlp_norm, cfg.rms_norm_eps))
+    return x + bundled_mlp(rms_norm(x, w.mlp_norm, cfg.rms_norm_eps), w.mlp)
 
 
 def forward(
@@ -89,9 +84,12 @@ def forward(
     if start + s > cache.capacity:
         raise ValueError(f"positions up to {start + s} exceed the KV cache ({cache.capacity})")
     cos, sin = rope.cos[start:start + s], rope.sin[start:start + s]
-    x = F.embedding(tokens, weights.embed)  # [S, H]
-    for index, layer in enumerate(weights.layers):
-        x = decoder_layer(cfg, layer, x, cache, index, start, cos, sin)
+    x = F.embedding(tokens.to(weights.embed.device), weights.embed)  # [S, H]
+    if x.device != cache.k.device:  # embeddings kept in host memory: only these rows move
+        x = weights.layers.upload(x)
+    for index in range(cfg.num_layers):
+        x = decoder_layer(cfg, weights.layers.acquire(index), x, cache, index, start, cos, sin)
+        weights.layers.release(index)
     cache.length = start + s
     if not all_logits:
         x = x[-1:]

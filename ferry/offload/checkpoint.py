@@ -37,15 +37,21 @@ def load_hf_config(folder: Path) -> Any:
         raise FerryError(f"{folder} has no config.json; is it a Hugging Face model folder?") from None
     except json.JSONDecodeError as err:
         raise FerryError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
-    arch = raw.get("model_type")
+    return config_from_dict(raw, str(folder / "config.json"))
+
+
+def config_from_dict(raw: dict, source: str) -> Any:
+    """A transformers config from config.json contents, after checking the architecture."""
+    arch = raw.get("model_type") if isinstance(raw, dict) else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise FerryError(
-            f"unsupported architecture {arch!r} in {folder / 'config.json'}; ferry runs "
+            f"unsupported architecture {arch!r} in {source}; ferry runs "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama 2/3, Mistral, Qwen2 families)"
         )
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(folder)
+    fields = {k: v for k, v in raw.items() if k != "model_type"}
+    return AutoConfig.for_model(arch, **fields)
 
 
 def _locate_tensors(folder: Path) -> dict[str, Path]:
@@ -86,6 +92,10 @@ class TensorReader:
 
     def __contains__(self, name: str) -> bool:
         return name in self.checkpoint.shard_of
+
+    def close(self) -> None:
+        """Drop the open files (and their memory mappings); later reads reopen them."""
+        self._handles.clear()
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import SafetensorError

@@ -1,49 +1,84 @@
-"""Load a checkpoint's tensors into the compute layout of `ModelWeights`, all on one device."""
+"""Load a checkpoint following a Plan: resident tensors onto the device, the rest into the host store.
+
+Each layer is read (lazily, through safetensors) and packed straight into its final flat buffer,
+one layer at a time with the file mappings dropped in between, so peak memory stays near the
+size of the host store instead of holding a second full copy.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import psutil
 import torch
 from tqdm import tqdm
 
 from ferry.model.config import ModelConfig
-from ferry.model.weights import LayerWeights, ModelWeights
+from ferry.model.weights import LayerLayout, LayerWeights, ModelWeights
 from ferry.offload.checkpoint import Checkpoint, TensorReader
+from ferry.offload.planner import Plan
+from ferry.offload.streaming import StreamedLayers
+from ferry.offload.transfer import host_empty
 
 
-def load_weights(
-    checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, progress: bool = True
-) -> ModelWeights:
+@dataclass(frozen=True)
+class LoadReport:
+    host_store_bytes: int
+    pinned: bool
+    peak_rss_bytes: int  # highest resident set size sampled while loading
+    rss_before_bytes: int
+
+
+def pack_layer(cfg: ModelConfig, layout: LayerLayout, get, prefix: str, flat: torch.Tensor) -> None:
+    """Copy one checkpoint layer into its flat buffer (casting to the buffer's dtype)."""
+    w: LayerWeights = layout.views(flat)
+    attn, q, kv = prefix + "self_attn.", cfg.q_size, cfg.kv_size
+    w.attn_norm.copy_(get(prefix + "input_layernorm.weight"))
+    for rows, name in ((slice(0, q), "q"), (slice(q, q + kv), "k"), (slice(q + kv, q + 2 * kv), "v")):
+        w.qkv[rows].copy_(get(f"{attn}{name}_proj.weight"))
+        if w.qkv_bias is not None:
+            w.qkv_bias[rows].copy_(get(f"{attn}{name}_proj.bias"))
+    w.o.copy_(get(attn + "o_proj.weight"))
+    w.mlp_norm.copy_(get(prefix + "post_attention_layernorm.weight"))
+    w.mlp[:, 0].copy_(get(prefix + "mlp.gate_proj.weight"))
+    w.mlp[:, 1].copy_(get(prefix + "mlp.up_proj.weight"))
+    w.mlp[:, 2].copy_(get(prefix + "mlp.down_proj.weight").t())  # down columns become rows
+
+
+def load_model(
+    checkpoint: Checkpoint, plan: Plan, dtype: torch.dtype, device: torch.device, link,
+    pipelined: bool = True, progress: bool = True,
+) -> tuple[ModelWeights, LoadReport]:
     cfg = checkpoint.config
+    layout = LayerLayout.for_config(cfg)
     reader = TensorReader(checkpoint)
-
-    def get(name: str) -> torch.Tensor:
-        return reader.get(name).to(device=device, dtype=dtype)
-
-    layers = tuple(
-        _load_layer(cfg, get, f"model.layers.{i}.")
-        for i in tqdm(range(cfg.num_layers), desc="loading layers", unit="layer", disable=not progress)
-    )
-    embed = get("model.embed_tokens.weight")
+    pin = device.type == "cuda"
+    process = psutil.Process()
+    rss_before = peak = process.memory_info().rss
+    resident: dict[int, LayerWeights] = {}
+    host: dict[int, torch.Tensor] = {}
+    streamed = set(plan.streamed_layers)
+    for i in tqdm(range(cfg.num_layers), desc="loading layers", unit="layer", disable=not progress):
+        if i in streamed:
+            flat = host[i] = host_empty(layout.numel, dtype, pin)
+        else:
+            flat = torch.empty(layout.numel, dtype=dtype, device=device)
+        pack_layer(cfg, layout, reader.get, f"model.layers.{i}.", flat)
+        if i not in streamed:
+            resident[i] = layout.views(flat)
+        peak = max(peak, process.memory_info().rss)
+        reader.close()  # drop the file mappings so their pages leave our resident set
+    embed_device = device if plan.embed_on_device else torch.device("cpu")
+    embed = reader.get("model.embed_tokens.weight").to(device=embed_device, dtype=dtype)
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in reader
-    return ModelWeights(
-        embed=embed,
-        layers=layers,
-        norm=get("model.norm.weight"),
-        lm_head=embed if tied else get("lm_head.weight"),
-    )
-
-
-def _load_layer(cfg: ModelConfig, get, prefix: str) -> LayerWeights:
-    attn = prefix + "self_attn."
-    bias = None
-    if cfg.attention_bias:
-        bias = torch.cat([get(f"{attn}{p}_proj.bias") for p in "qkv"])
-    return LayerWeights(
-        attn_norm=get(prefix + "input_layernorm.weight"),
-        qkv=torch.cat([get(f"{attn}{p}_proj.weight") for p in "qkv"]),
-        qkv_bias=bias,
-        o=get(attn + "o_proj.weight"),
-        mlp_norm=get(prefix + "post_attention_layernorm.weight"),
-        gate_up=torch.cat([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")]),
-        down=get(prefix + "mlp.down_proj.weight"),
-    )
+    lm_head = embed.to(device) if tied else reader.get("lm_head.weight").to(device=device, dtype=dtype)
+    norm = reader.get("model.norm.weight").to(device=device, dtype=dtype)
+    reader.close()
+    peak = max(peak, process.memory_info().rss)
+    layers = StreamedLayers(layout, resident, host, plan.prefetch_depth, link, device, dtype, pipelined)
+    store_bytes = sum(t.numel() * t.element_size() for t in host.values())
+    if not plan.embed_on_device:
+        store_bytes += embed.numel() * embed.element_size()
+    pinned = pin and all(t.is_pinned() for t in host.values())
+    report = LoadReport(store_bytes, pinned, peak, rss_before)
+    return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head), report

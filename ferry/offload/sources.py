@@ -89,3 +89,43 @@ def _resolve_hub(repo_id: str) -> Path:
             f"could not download {repo_id!r} from the Hugging Face hub and it is not cached "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         ) from None
+
+
+def resolve_config(spec: str | os.PathLike | None):
+    """Only the transformers config for `spec`: no weights are read or downloaded.
+
+    Accepts everything `resolve_model` does, plus a path to a config.json file.
+    """
+    from ferry.offload.checkpoint import config_from_dict, load_hf_config
+
+    path = Path(spec).expanduser() if spec is not None else None
+    if path is not None and path.is_file() and path.suffix == ".json":
+        import json
+
+        try:
+            return config_from_dict(json.loads(path.read_text()), str(path))
+        except json.JSONDecodeError as err:
+            raise FerryError(f"{path} is not valid JSON ({err})") from None
+    if path is not None and path.is_file() and path.suffix == ".gguf":
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if path is not None and not path.exists() and _HUB_ID.match(str(spec)) and not str(spec).startswith("."):
+        return load_hf_config(_hub_config_folder(str(spec)))
+    return load_hf_config(resolve_model(spec))
+
+
+def _hub_config_folder(repo_id: str) -> Path:
+    from huggingface_hub import hf_hub_download, is_offline_mode
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    for local_only in (True, False):
+        if not local_only and is_offline_mode():
+            break
+        try:
+            return Path(hf_hub_download(repo_id, "config.json", local_files_only=local_only)).parent
+        except LocalEntryNotFoundError:
+            continue
+        except (HfHubHTTPError, OSError) as err:
+            raise FerryError(f"could not fetch the config of {repo_id!r}: {type(err).__name__}") from None
+    raise FerryError(f"{repo_id!r} is not a local path and its config is not in the Hugging Face cache (offline)")

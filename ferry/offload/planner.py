@@ -1,0 +1,209 @@
+"""The memory planner: what stays on the device, what streams, and the bytes each token moves.
+
+A pure function of the model config, the dtype, the budgets, the context length and the prefetch
+depth, so `ferry plan` answers for a 70B config instantly without allocating anything.
+
+Priority for device memory: the KV cache, activation workspace, final norm and lm_head (needed
+every token), then the streaming slots, then as many whole layers as fit (the first ones: while
+they compute, the link fills the slots for the streamed ones), and the input embeddings last:
+kept in host memory they cost one row per token on the link.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from ferry.errors import FerryError
+from ferry.model.config import ModelConfig
+from ferry.model.weights import LayerLayout
+
+GiB = 1 << 30
+MiB = 1 << 20
+DEVICE_MARGIN = 1 * GiB  # left free for the CUDA context and allocator fragmentation
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12,
+          "tb": 1e12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'20GiB', '512MB', '1.5g' or plain bytes -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise FerryError(f"cannot read {text!r} as a memory size (examples: 20GiB, 512MB, 1.5GB)")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise FerryError(f"memory size must be positive, got {text!r}")
+    return size
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    dtype_bytes: int
+    ctx: int
+    prefetch_depth: int
+    budget_bytes: int  # device (tier) budget
+    host_available_bytes: int
+    layer_bytes: int
+    resident_layers: tuple[int, ...]
+    streamed_layers: tuple[int, ...]
+    kv_cache_bytes: int
+    workspace_bytes: int
+    lm_head_bytes: int
+    norm_bytes: int
+    embed_bytes: int
+    embed_on_device: bool
+    slot_count: int
+    device_bytes: int  # everything the plan places on the device
+    host_bytes: int  # the host store: streamed layers (+ embeddings when kept there)
+    bytes_per_token: dict[str, int] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def check(self) -> "Plan":
+        if self.problems:
+            raise FerryError("the model does not fit: " + "; ".join(self.problems))
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fits"] = self.fits
+        d["resident_layers"], d["streamed_layers"] = list(self.resident_layers), list(self.streamed_layers)
+        d["resident_bytes"] = self.device_bytes
+        return d
+
+
+def make_plan(
+    cfg: ModelConfig, *, dtype_bytes: int, budget_bytes: int, host_available_bytes: int,
+    ctx: int, prefetch_depth: int = 2, device: str = "cpu",
+) -> Plan:
+    if prefetch_depth < 1:
+        raise FerryError(f"prefetch depth must be at least 1, got {prefetch_depth}")
+    if ctx < 1:
+        raise FerryError(f"context length must be at least 1, got {ctx}")
+    b, h, n_layers = dtype_bytes, cfg.hidden_size, cfg.num_layers
+    layer = LayerLayout.for_config(cfg).numel * b
+    embed = cfg.vocab_size * h * b
+    lm_head = 0 if cfg.tie_word_embeddings else embed  # tied: the embedding matrix is the head
+    kv = 2 * n_layers * cfg.num_kv_heads * ctx * cfg.head_dim * b
+    # Activations of a prefill over `ctx` tokens, plus a fixed allowance (logits, temporaries).
+    workspace = 16 * MiB + ctx * (cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size + 4 * h) * b
+    norm = h * b
+    fixed = kv + workspace + norm + (embed if cfg.tie_word_embeddings else lm_head)
+    problems: list[str] = []
+    room = budget_bytes - fixed
+    capacity = max(0, room // layer)
+    if room < 0:
+        problems.append(
+            f"the device budget {fmt_bytes(budget_bytes)} is below the {fmt_bytes(fixed)} needed before "
+            f"any layer (KV cache for {ctx} tokens {fmt_bytes(kv)}, lm_head {fmt_bytes(max(lm_head, embed))}, "
+            f"workspace {fmt_bytes(workspace)})")
+    if capacity >= n_layers:
+        n_resident, slots = n_layers, 0
+    else:
+        n_resident, slots = max(0, capacity - prefetch_depth), prefetch_depth
+        if room >= 0 and capacity < prefetch_depth:
+            problems.append(
+                f"the device budget {fmt_bytes(budget_bytes)} cannot hold {prefetch_depth} streaming "
+                f"slot(s) of one layer ({fmt_bytes(layer)} each) beside the {fmt_bytes(fixed)} of KV "
+                f"cache, lm_head and workspace; raise --gpu-memory or lower --prefetch-depth")
+    streamed = tuple(range(n_resident, n_layers))
+    embed_on_device = cfg.tie_word_embeddings or (
+        not streamed and budget_bytes - fixed - n_layers * layer >= embed)
+    device_bytes = fixed + (n_resident + slots) * layer + (embed if embed_on_device and lm_head else 0)
+    host_bytes = len(streamed) * layer + (0 if embed_on_device else embed)
+    # A CPU "device" is a tier of the same RAM as the host store.
+    host_need = host_bytes + (device_bytes if device == "cpu" else 0)
+    if host_need > host_available_bytes:
+        problems.append(
+            f"host memory: {fmt_bytes(host_need)} needed ({len(streamed)} streamed layers of "
+            f"{fmt_bytes(layer)}{'' if embed_on_device else ', embeddings'}"
+            f"{', the CPU device tier' if device == 'cpu' else ''}), "
+            f"{fmt_bytes(host_available_bytes)} available")
+    per_token = len(streamed) * layer + (0 if embed_on_device else h * b)
+    return Plan(
+        device=device, dtype_bytes=b, ctx=ctx, prefetch_depth=prefetch_depth, budget_bytes=budget_bytes,
+        host_available_bytes=host_available_bytes, layer_bytes=layer,
+        resident_layers=tuple(range(n_resident)), streamed_layers=streamed, kv_cache_bytes=kv,
+        workspace_bytes=workspace, lm_head_bytes=lm_head, norm_bytes=norm, embed_bytes=embed,
+        embed_on_device=embed_on_device, slot_count=slots, device_bytes=device_bytes,
+        host_bytes=host_bytes, bytes_per_token={"dense": per_token}, problems=tuple(problems),
+    )
+
+
+def describe(plan: Plan, cfg: ModelConfig, name: str) -> str:
+    """The plan as a short human-readable table."""
+    n = cfg.num_layers
+    rows = [
+        f"model        {name}: {cfg.architecture}, {n} layers, hidden {cfg.hidden_size}, "
+        f"MLP {cfg.intermediate_size}, vocab {cfg.vocab_size}",
+        f"device       {plan.device}, budget {fmt_bytes(plan.budget_bytes)}, "
+        f"{plan.dtype_bytes} bytes/parameter, context {plan.ctx} tokens",
+        f"one layer    {fmt_bytes(plan.layer_bytes)}",
+        "resident:",
+        f"  KV cache   {fmt_bytes(plan.kv_cache_bytes)}",
+        f"  workspace  {fmt_bytes(plan.workspace_bytes)}",
+        f"  lm_head    {fmt_bytes(plan.lm_head_bytes or plan.embed_bytes)}"
+        f"{' (tied to the embeddings)' if not plan.lm_head_bytes else ''}",
+        f"  embeddings {'on the device' if plan.embed_on_device else 'in host memory (one row per token moves)'}",
+        f"  layers     {len(plan.resident_layers)} of {n} ({fmt_bytes(len(plan.resident_layers) * plan.layer_bytes)})",
+        f"  slots      {plan.slot_count} x {fmt_bytes(plan.layer_bytes)} for streamed layers",
+        f"  total      {fmt_bytes(plan.device_bytes)}",
+        f"streamed     {len(plan.streamed_layers)} layers from host memory ({fmt_bytes(plan.host_bytes)} host store)",
+        f"per token    {fmt_bytes(plan.bytes_per_token['dense'])} cross the link (dense)",
+    ]
+    if plan.problems:
+        rows.append("DOES NOT FIT: " + "; ".join(plan.problems))
+    return "\n".join(rows)
+
+
+SCHEDULES = ("serial", "pipelined")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How weights reach the device. Budgets in bytes; None means "what the machine has"."""
+
+    gpu_memory: int | None = None  # device budget (on a CPU-only machine: the CPU tier's)
+    host_memory: int | None = None  # host budget; default: psutil's available memory
+    prefetch_depth: int = 2  # streaming slots = layers in flight ahead of compute
+    link_gbps: float | None = None  # emulate a host->device link of this speed (CPU device only)
+    schedule: str = "pipelined"  # or "serial": fetch each layer when needed (the oracle)
+
+    def __post_init__(self) -> None:
+        if self.gpu_memory is not None and self.gpu_memory <= 0:
+            raise FerryError(f"--gpu-memory must be positive, got {self.gpu_memory}")
+        if self.host_memory is not None and self.host_memory <= 0:
+            raise FerryError(f"--host-memory must be positive, got {self.host_memory}")
+        if self.prefetch_depth < 1:
+            raise FerryError(f"--prefetch-depth must be at least 1, got {self.prefetch_depth}")
+        if self.link_gbps is not None and not self.link_gbps > 0:
+            raise FerryError(f"--link-gbps must be positive, got {self.link_gbps}")
+        if self.schedule not in SCHEDULES:
+            raise FerryError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+
+
+def default_budgets(device: str, offload: OffloadConfig) -> tuple[int, int]:
+    """(device budget, host budget) from the flags or, failing those, the machine."""
+    import psutil
+
+    host = offload.host_memory or psutil.virtual_memory().available
+    if offload.gpu_memory is not None:
+        return offload.gpu_memory, host
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return max(0, free - DEVICE_MARGIN), host
+    return max(0, host - DEVICE_MARGIN), host  # CPU: everything resident unless told otherwise

@@ -1,0 +1,220 @@
+"""Everything about moving bytes host -> device: pinning, copy streams, events, the CPU fallback.
+
+No other module touches streams or events. A `Link` copies a host tensor into a device buffer
+asynchronously and returns a ticket the compute side waits on; it counts every byte and the
+time the link was busy, and how long compute stalled waiting, so overlap can be reported.
+
+- `CudaLink`: one copy stream; per-copy events order compute after copies and slot reuse after
+  compute. Nothing calls a device-wide synchronize.
+- `InOrderLink`: CPU device; the copy happens when issued (nothing to overlap).
+- `EmulatedLink`: CPU device; a background thread performs copies throttled to a set GB/s, so
+  overlap can be measured and tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+_pin_warned = False
+
+
+def host_empty(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """A host buffer, page-locked when asked and possible, else pageable (with one warning)."""
+    global _pin_warned
+    if pin:
+        try:
+            return torch.empty(numel, dtype=dtype, pin_memory=True)
+        except RuntimeError as err:  # WSL2 and locked-memory limits refuse large pinned buffers
+            if not _pin_warned:
+                warnings.warn(f"pinning host memory failed ({err}); using pageable memory, "
+                              "host-to-device copies will be slower", stacklevel=2)
+                _pin_warned = True
+    return torch.empty(numel, dtype=dtype)
+
+
+@dataclass
+class LinkStats:
+    bytes: int = 0
+    copies: int = 0
+    busy_s: float = 0.0  # time the link spent copying
+    stall_s: float = 0.0  # time compute waited for copies
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.busy_s / 1e9 if self.busy_s > 0 else 0.0
+
+    @property
+    def overlap(self) -> float:
+        """Fraction of transfer time hidden behind compute."""
+        if self.busy_s <= 0:
+            return 0.0
+        return min(1.0, max(0.0, 1.0 - self.stall_s / self.busy_s))
+
+    def minus(self, earlier: "LinkStats") -> "LinkStats":
+        return LinkStats(self.bytes - earlier.bytes, self.copies - earlier.copies,
+                         self.busy_s - earlier.busy_s, self.stall_s - earlier.stall_s)
+
+
+class InOrderLink:
+    """CPU fallback: each copy runs when issued, in order; compute never waits afterwards."""
+
+    def __init__(self) -> None:
+        self._stats = LinkStats()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> None:
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        elapsed = time.perf_counter() - t0
+        self._stats.bytes += src.numel() * src.element_size()
+        self._stats.copies += 1
+        self._stats.busy_s += elapsed
+        self._stats.stall_s += elapsed  # the compute thread did the copy itself
+        return None
+
+    def wait(self, ticket) -> None:
+        pass
+
+    def compute_done(self):
+        return None
+
+    def stats(self) -> LinkStats:
+        return LinkStats(**vars(self._stats))
+
+    def close(self) -> None:
+        pass
+
+
+class EmulatedLink:
+    """CPU stand-in for PCIe: a worker thread copies in order at `gbps` GB/s at most."""
+
+    CHUNK = 1 << 22  # bytes per throttled piece
+
+    def __init__(self, gbps: float):
+        if not gbps > 0:
+            raise ValueError(f"link bandwidth must be > 0 GB/s, got {gbps}")
+        self.rate = gbps * 1e9
+        self._stats = LinkStats()
+        self._lock = threading.Lock()
+        self._jobs: queue.Queue = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name="ferry-emulated-link", daemon=True)
+        self._worker.start()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> threading.Event:
+        done = threading.Event()
+        self._jobs.put((dst.view(-1), src.view(-1), done))
+        return done
+
+    def wait(self, ticket: threading.Event | None) -> None:
+        if ticket is None or ticket.is_set():
+            return
+        t0 = time.perf_counter()
+        ticket.wait()
+        with self._lock:
+            self._stats.stall_s += time.perf_counter() - t0
+
+    def compute_done(self):
+        return None  # copies are issued from the compute thread after the compute they follow
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            dst, src, done = job
+            t0 = time.perf_counter()
+            step = max(1, self.CHUNK // src.element_size())
+            for lo in range(0, src.numel(), step):
+                dst[lo:lo + step].copy_(src[lo:lo + step])
+                # Sleep until this piece would have arrived over a link of the set bandwidth.
+                due = t0 + (min(lo + step, src.numel()) * src.element_size()) / self.rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            with self._lock:
+                self._stats.bytes += src.numel() * src.element_size()
+                self._stats.copies += 1
+                self._stats.busy_s += time.perf_counter() - t0
+            done.set()
+
+    def stats(self) -> LinkStats:
+        with self._lock:
+            return LinkStats(**vars(self._stats))
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._worker.join(timeout=5)
+
+
+class CudaLink:
+    """A dedicated copy stream. Copies wait for the compute event guarding their slot; compute
+    waits for the copy's event. Timing uses events, read only when stats are asked for."""
+
+    def __init__(self, device: torch.device):
+        if not torch.cuda.is_available():
+            raise RuntimeError("CudaLink needs CUDA")
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        self._stats = LinkStats()
+        self._copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def _event(self) -> torch.cuda.Event:
+        return torch.cuda.Event(enable_timing=True)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None = None):
+        start, end = self._event(), self._event()
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            start.record(self.stream)
+            dst.copy_(src, non_blocking=True)
+            end.record(self.stream)
+        self._stats.bytes += src.numel() * src.element_size()
+        self._stats.copies += 1
+        self._copy_events.append((start, end))
+        if len(self._copy_events) > 1024:
+            self._fold(finished_only=True)
+        return end
+
+    def wait(self, ticket: torch.cuda.Event | None) -> None:
+        if ticket is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        before, after = self._event(), self._event()
+        before.record(compute)
+        compute.wait_event(ticket)
+        after.record(compute)
+        self._stall_events.append((before, after))
+        if len(self._stall_events) > 1024:
+            self._fold(finished_only=True)
+
+    def compute_done(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def _fold(self, finished_only: bool) -> None:
+        """Move timed event pairs into the totals; without finished_only, waits for them."""
+        for pairs, field in ((self._copy_events, "busy_s"), (self._stall_events, "stall_s")):
+            keep = []
+            for first, last in pairs:
+                if finished_only and not last.query():
+                    keep.append((first, last))
+                    continue
+                last.synchronize()
+                setattr(self._stats, field, getattr(self._stats, field) + first.elapsed_time(last) / 1e3)
+            pairs[:] = keep
+
+    def stats(self) -> LinkStats:
+        """Totals so far (waits for the timed events: call outside hot loops)."""
+        self._fold(finished_only=False)
+        return LinkStats(**vars(self._stats))
+
+    def close(self) -> None:
+        pass
