@@ -19,9 +19,15 @@ import time
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _pin_warned = False
+
+
+def _bytes_of(t: torch.Tensor) -> np.ndarray:
+    """The raw bytes of a contiguous CPU tensor as a numpy array (no copy)."""
+    return t.detach().reshape(-1).view(torch.uint8).numpy()
 
 
 def host_empty(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
@@ -107,7 +113,9 @@ class EmulatedLink:
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> threading.Event:
         done = threading.Event()
-        self._jobs.put((dst.view(-1), src.view(-1), done))
+        # The worker copies raw bytes with numpy: a torch op from a second thread would start a
+        # second OpenMP team whose spinning threads slow the compute thread down for good.
+        self._jobs.put((_bytes_of(dst), _bytes_of(src), done))
         return done
 
     def wait(self, ticket: threading.Event | None) -> None:
@@ -128,16 +136,15 @@ class EmulatedLink:
                 return
             dst, src, done = job
             t0 = time.perf_counter()
-            step = max(1, self.CHUNK // src.element_size())
-            for lo in range(0, src.numel(), step):
-                dst[lo:lo + step].copy_(src[lo:lo + step])
+            for lo in range(0, src.size, self.CHUNK):
+                hi = min(lo + self.CHUNK, src.size)
+                np.copyto(dst[lo:hi], src[lo:hi])
                 # Sleep until this piece would have arrived over a link of the set bandwidth.
-                due = t0 + (min(lo + step, src.numel()) * src.element_size()) / self.rate
-                delay = due - time.perf_counter()
+                delay = t0 + hi / self.rate - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
             with self._lock:
-                self._stats.bytes += src.numel() * src.element_size()
+                self._stats.bytes += src.size
                 self._stats.copies += 1
                 self._stats.busy_s += time.perf_counter() - t0
             done.set()
