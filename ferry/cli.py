@@ -132,6 +132,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from ferry.engine import Engine, RuntimeConfig, load_tokenizer
     from ferry.offload.planner import OffloadConfig, fmt_bytes
     from ferry.offload.sources import resolve_model
+    from ferry.model.config import ModelConfig
     from ferry.offload.checkpoint import load_hf_config
     from ferry.text import encode_prompt
 
@@ -139,11 +140,12 @@ def run_generate(args: argparse.Namespace) -> None:
     offload = OffloadConfig(gpu_memory=args.gpu_memory, prefetch_depth=args.prefetch_depth,
                             link_gbps=args.link_gbps, schedule=args.schedule)
     folder = resolve_model(args.model)
+    max_positions = ModelConfig.from_hf(load_hf_config(folder)).max_position_embeddings  # validates
     tokenizer = load_tokenizer(folder)
     ctx = args.ctx
     if ctx is None:  # reserve what this run needs, not the model's maximum context
         longest = max(len(encode_prompt(tokenizer, p, args.chat)) for p in prompts)
-        ctx = min(longest + max(1, args.max_new_tokens), load_hf_config(folder).max_position_embeddings)
+        ctx = min(longest + max(1, args.max_new_tokens), max_positions)
     runtime = RuntimeConfig(dtype=args.dtype, device=args.device, ctx=ctx)
     engine = Engine(folder, runtime=runtime, offload=offload, tokenizer=tokenizer)
     if engine.plan.streamed_layers:

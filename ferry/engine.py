@@ -7,7 +7,8 @@ growing them only when a request needs more context than any before it.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 import torch
@@ -20,9 +21,15 @@ from ferry.offload.loader import LoadReport, load_model
 from ferry.offload.planner import OffloadConfig, Plan, default_budgets, make_plan, parse_size
 from ferry.offload.sources import resolve_model
 from ferry.offload.transfer import CudaLink, EmulatedLink, InOrderLink
-from ferry.scheduler.decode import DecodeTimes, decode_dense
+from ferry.model.forward import forward
+from ferry.offload.streaming import FULL, SPARSE, PassView
+from ferry.scheduler.calibrate import load_or_calibrate, thresholds_for
+from ferry.scheduler.correction import CorrectionConfig, decode_sirius
+from ferry.scheduler.decode import DecodeStats, Passes, decode_stepwise
 from ferry.scheduler.kv_cache import KVCache
 from ferry.scheduler.sampling import Sampler, SamplingConfig
+from ferry.sparse.config import SparsityConfig
+from ferry.sparse.griffin import griffin_order, griffin_scores, kept_neurons
 from ferry.text import Detokenizer, encode_prompt
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -58,6 +65,16 @@ class GenerationStats:
     h2d_bytes_per_token: float  # per new token
     h2d_gbps: float  # achieved while the link was busy
     overlap: float  # fraction of transfer time hidden behind compute
+    mode: str  # dense, sparse or sirius
+    mlp_density: float  # fraction of MLP neurons a sparse step uses
+    d_sparse: float  # fraction of parameters a sparse step reads (attention, kept MLP, lm_head)
+    sparse_steps: int
+    full_passes: int  # full-weight passes after the prefill
+    aal: float | None  # tokens committed per full pass (sirius), after the prefill's first
+    corrected_fraction: float  # committed tokens that replaced a rejected draft
+    wasted_drafts: int  # sparse tokens a full pass rejected or never looked at
+    effective_density: float  # (sparse_steps * d_sparse + full_passes) / tokens after the first
+    select_s: float  # choosing and arranging the sparse set after the prefill
 
 
 @dataclass(frozen=True)
@@ -94,9 +111,11 @@ class TokenStream:
 class Engine:
     def __init__(
         self, model: str | os.PathLike | None = None, *, runtime: RuntimeConfig = RuntimeConfig(),
-        offload: OffloadConfig = OffloadConfig(), progress: bool = True, tokenizer=None,
+        offload: OffloadConfig = OffloadConfig(), sparsity: SparsityConfig = SparsityConfig(),
+        correction: CorrectionConfig | None = None, progress: bool = True, tokenizer=None,
     ):
-        self.runtime, self.offload = runtime, offload
+        self.runtime, self.offload, self.sparsity = runtime, offload, sparsity
+        self.correction = correction or CorrectionConfig(mode="sirius" if sparsity.sparsity > 0 else "dense")
         self.folder = resolve_model(model)
         self.checkpoint = open_checkpoint(self.folder)
         self.config = self.checkpoint.config
@@ -109,20 +128,34 @@ class Engine:
         self.weights, self.load_report = load_model(
             self.checkpoint, self.plan, self.dtype, self.device, self.link,
             pipelined=offload.schedule == "pipelined", progress=progress)
+        self.executor = self.weights.layers.executor
+        self.sparse_weights = replace(self.weights, layers=PassView(self.executor, SPARSE))
+        self.kept = kept_neurons(self.config.intermediate_size, sparsity.sparsity)
+        if self.uses_sparsity and sparsity.method == "cats":
+            table = load_or_calibrate(self.folder, self.config, self.weights, self.tokenizer,
+                                      self.dtype, self.device, progress)
+            self.executor.set_thresholds(thresholds_for(table, sparsity.sparsity))
         self.cache: KVCache | None = None
         self.rope: Rope | None = None
+
+    @property
+    def uses_sparsity(self) -> bool:
+        return self.correction.mode != "dense" and self.sparsity.sparsity > 0
 
     def _make_plan(self) -> Plan:
         budget, host = default_budgets(self.device.type, self.offload)
         ctx = self.runtime.ctx or min(self.config.max_position_embeddings, DEFAULT_CTX)
+        sparse = self.correction.mode != "dense"
         return make_plan(
             self.config, dtype_bytes=torch.finfo(self.dtype).bits // 8, budget_bytes=budget,
             host_available_bytes=host, ctx=ctx, prefetch_depth=self.offload.prefetch_depth,
-            device=self.device.type)
+            device=self.device.type, sparsity=self.sparsity.sparsity if sparse else 0.0,
+            prefix_resident=self.sparsity.method == "griffin")
 
     def close(self) -> None:
         """Stop the link's worker (emulated link); the engine is unusable afterwards."""
         self.link.close()
+
     def generate(self, prompt: str, **options) -> Generation:
         """Generate to completion; see `stream` for the options."""
         stream = self.stream(prompt, **options)
@@ -145,33 +178,94 @@ class Engine:
         sampler = Sampler(SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))
         ids = encode_prompt(self.tokenizer, prompt, chat)
         self._prepare_context(len(ids), max_new_tokens)
-        stream = TokenStream(iter(()))
         stop_ids = frozenset() if ignore_eos else self.stop_ids
+        stream = TokenStream(iter(()))
         stream._tokens = self._run(stream, prompt, ids, max_new_tokens, sampler, stop_ids)
         return stream
 
+    def _prefill(self, ids: list[int], stats: DecodeStats) -> torch.Tensor:
+        """Full-weight prefill; with Griffin, the prompt's activations choose each layer's
+        neurons, which are then moved to the front of the layer's MLP."""
+        griffin = self.uses_sparsity and self.sparsity.method == "griffin"
+        scores: list[torch.Tensor] = [None] * self.config.num_layers  # type: ignore[list-item]
+
+        def observe(layer: int, a: torch.Tensor, z: torch.Tensor) -> None:
+            scores[layer] = griffin_scores(z)
+
+        t0 = time.perf_counter()
+        self.executor.expect([SPARSE if self.uses_sparsity else FULL])
+        self.cache.reset()
+        prompt = torch.tensor(ids, dtype=torch.long, device=self.device)
+        logits = forward(self.config, self.weights, self.rope, self.cache, prompt, 0,
+                         all_logits=False, observe_mlp=observe if griffin else None)[-1]
+        stats.prefill_s = time.perf_counter() - t0
+        if griffin:
+            t0 = time.perf_counter()
+            orders = [griffin_order(s, self.kept).cpu() for s in scores]
+            self.executor.reorder_neurons(orders, self.kept)
+            self.select_s = time.perf_counter() - t0
+        return logits
+
     def _run(self, stream, prompt, ids, max_new_tokens, sampler, stop_ids) -> Iterator[Token]:
-        times = DecodeTimes()
+        stats = DecodeStats()
+        self.select_s = 0.0
         detok = Detokenizer(self.tokenizer)
-        prompt_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         new: list[int] = []
         link_before = self.link.stats()
-        tokens = decode_dense(
-            self.config, self.weights, self.rope, self.cache, prompt_ids, max_new_tokens,
-            sampler, stop_ids, times,
-        )
-        for token in tokens:
-            new.append(token)
-            yield Token(token, detok.push(token))
+        if max_new_tokens > 0:
+            first = sampler(self._prefill(ids, stats))
+            passes = Passes(self.config, self.rope, self.cache, self.weights, self.sparse_weights,
+                            self.executor.expect)
+            mode = self.correction.mode if self.uses_sparsity else "dense"
+            if mode == "sirius":
+                tokens = decode_sirius(passes, first, max_new_tokens, sampler, stop_ids, stats, self.correction)
+            else:
+                tokens = decode_stepwise(passes, first, max_new_tokens, sampler, stop_ids, stats,
+                                         sparse=mode == "sparse")
+            for token in tokens:
+                new.append(token)
+                yield Token(token, detok.push(token))
+        else:
+            stats.finish_reason = "length"
         tail = detok.flush()
         if tail:
             yield Token(-1, tail)
-        rate = times.steps / times.decode_s if times.decode_s > 0 else 0.0
         link = self.link.stats().minus(link_before)
-        stats = GenerationStats(
-            len(ids), len(new), times.prefill_s, times.decode_s, rate, times.finish_reason,
-            link.bytes, link.bytes / max(1, len(new)), link.gbps, link.overlap)
-        stream.result = Generation(prompt, detok.text, new, stats)
+        stream.result = Generation(prompt, detok.text, new, self._stats(len(ids), new, stats, link))
+
+    def _stats(self, prompt_len: int, new: list[int], s: DecodeStats, link) -> GenerationStats:
+        mode = self.correction.mode if self.uses_sparsity else "dense"
+        d_sparse = self.d_sparse if self.uses_sparsity else 1.0
+        after_first = max(0, len(new) - 1)
+        return GenerationStats(
+            prompt_tokens=prompt_len, new_tokens=len(new), prefill_s=s.prefill_s, decode_s=s.decode_s,
+            tokens_per_s=after_first / s.decode_s if s.decode_s > 0 else 0.0,
+            finish_reason=s.finish_reason, h2d_bytes=link.bytes,
+            h2d_bytes_per_token=link.bytes / max(1, len(new)), h2d_gbps=link.gbps, overlap=link.overlap,
+            mode=mode, mlp_density=self.mlp_density if self.uses_sparsity else 1.0, d_sparse=d_sparse,
+            sparse_steps=s.sparse_steps, full_passes=s.full_passes,
+            aal=after_first / s.full_passes if mode == "sirius" and s.full_passes else None,
+            corrected_fraction=s.corrections / after_first if after_first else 0.0,
+            wasted_drafts=s.sparse_steps - s.accepted if mode == "sirius" else 0,
+            effective_density=(s.sparse_steps * d_sparse + s.full_passes) / after_first if after_first else 1.0,
+            select_s=self.select_s,
+        )
+
+    @property
+    def mlp_density(self) -> float:
+        return self.kept / self.config.intermediate_size if self.sparsity.method == "griffin" else 1 - self.sparsity.sparsity
+
+    @property
+    def d_sparse(self) -> float:
+        """Fraction of parameters a sparse step reads: attention, the MLP rows it uses, lm_head
+        (embeddings not counted). CATS reads every gate row and the kept up/down rows."""
+        cfg = self.config
+        attn = cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) + cfg.hidden_size * cfg.q_size
+        mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+        keep = self.mlp_density
+        used = mlp * keep if self.sparsity.method == "griffin" else mlp * (1 + 2 * keep) / 3
+        head = cfg.vocab_size * cfg.hidden_size
+        return (cfg.num_layers * (attn + used) + head) / (cfg.num_layers * (attn + mlp) + head)
 
     def _prepare_context(self, prompt_len: int, max_new_tokens: int) -> None:
         """Size the KV cache and rope tables for this request (allocating only when they grow)."""
@@ -190,20 +284,27 @@ class Engine:
 def load(
     model: str | os.PathLike | None = None, *, dtype: str = "auto", device: str = "auto",
     ctx: int | None = None, gpu_memory: int | str | None = None, prefetch_depth: int = 2,
-    link_gbps: float | None = None, schedule: str = "pipelined", progress: bool = True,
+    link_gbps: float | None = None, schedule: str = "pipelined", sparsity: float = 0.0,
+    sparse_method: str = "griffin", mode: str | None = None, period: int = 16,
+    threshold: float = 0.1, accept: str = "threshold", progress: bool = True,
 ) -> Engine:
     """Load a model (a folder, a .gguf file, a hub id, or None for the embedded default).
 
     gpu_memory (bytes or a size such as "20GiB") caps what stays on the device; layers that do
     not fit stream from host memory. ctx reserves the KV cache (default: min(4096, the model's
-    maximum)).
+    maximum)). sparsity > 0 drops that fraction of MLP neurons in sparse steps; mode (default:
+    sirius when sparsity > 0, else dense) adds a full-weight correction pass every `period` tokens.
     """
     if isinstance(gpu_memory, str):
         gpu_memory = parse_size(gpu_memory)
     offload = OffloadConfig(gpu_memory=gpu_memory, prefetch_depth=prefetch_depth,
                             link_gbps=link_gbps, schedule=schedule)
     runtime = RuntimeConfig(dtype=dtype, device=device, ctx=ctx)
-    return Engine(model, runtime=runtime, offload=offload, progress=progress)
+    sparse = SparsityConfig(sparsity=sparsity, method=sparse_method)
+    correction = CorrectionConfig(mode=mode or ("sirius" if sparsity > 0 else "dense"), period=period,
+                                  threshold=threshold, accept=accept)
+    return Engine(model, runtime=runtime, offload=offload, sparsity=sparse, correction=correction,
+                  progress=progress)
 
 
 def _make_link(device: torch.device, link_gbps: float | None):

@@ -12,7 +12,7 @@ from ferry.offload.checkpoint import open_checkpoint
 from ferry.offload.loader import load_model
 from ferry.offload.planner import make_plan
 from ferry.offload.transfer import InOrderLink
-from ferry.scheduler.decode import DecodeTimes, decode_dense
+from ferry.scheduler.decode import DecodeStats, Passes, decode_stepwise
 from ferry.scheduler.kv_cache import KVCache
 
 
@@ -57,8 +57,10 @@ def test_logits_match_transformers(family, tiny_model_dir):
 def test_greedy_tokens_match_transformers_generate(family, tiny_model_dir):
     cfg, weights, rope, cache = load_tiny(tiny_model_dir(family))
     ids = prompt_ids(7, seed=2)
-    ours = list(decode_dense(cfg, weights, rope, cache, ids, 32, lambda l: int(l.argmax()),
-                             frozenset(), DecodeTimes()))
+    first = int(prefill(cfg, weights, rope, cache, ids)[-1].argmax())
+    passes = Passes(cfg, rope, cache, weights, weights)
+    ours = list(decode_stepwise(passes, first, 32, lambda l: int(l.argmax()), frozenset(),
+                                DecodeStats(), sparse=False))
     hf = tiny_hf_model(family)
     with torch.no_grad():
         ref = hf.generate(ids[None], max_new_tokens=32, min_new_tokens=32, do_sample=False,

@@ -17,15 +17,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def bundled_mlp(x: torch.Tensor, bundle: torch.Tensor) -> torch.Tensor:
+def bundled_mlp(
+    x: torch.Tensor, bundle: torch.Tensor, threshold: float | None = None, observe=None,
+) -> torch.Tensor:
     """down(SiLU(gate(x)) * up(x)) for x [S, H] over a bundle [n, 3, H] of n neurons.
 
     Works for any subset of neurons: the MLP over all I neurons equals the sum of the MLPs over
-    a partition of them (the selected rows plus their complement).
+    a partition of them (the selected rows plus their complement). With a CATS threshold, the
+    neurons whose |SiLU(gate)| falls below it contribute nothing for that token. `observe(a, z)`
+    sees the activations a = SiLU(gate) and z = a * up (selection and calibration use them).
     """
-    gate = F.linear(x, bundle[:, 0])  # [S, n]
-    up = F.linear(x, bundle[:, 1])
-    return torch.matmul(F.silu(gate) * up, bundle[:, 2])  # [S, H]
+    a = F.silu(F.linear(x, bundle[:, 0]))  # [S, n]
+    if threshold is not None:
+        a = a * (a.abs() >= threshold)
+    z = a * F.linear(x, bundle[:, 1])
+    if observe is not None:
+        observe(a, z)
+    return torch.matmul(z, bundle[:, 2])  # [S, H]
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:

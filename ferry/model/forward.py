@@ -63,20 +63,25 @@ def attention(
 
 def decoder_layer(
     cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cache: KVCache, index: int,
-    start: int, cos: torch.Tensor, sin: torch.Tensor,
+    start: int, cos: torch.Tensor, sin: torch.Tensor, observe=None,
 ) -> torch.Tensor:
     h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
     x = x + attention(cfg, w, h, cache.k[index], cache.v[index], start, cos, sin)
-    return x + bundled_mlp(rms_norm(x, w.mlp_norm, cfg.rms_norm_eps), w.mlp)
+    h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
+    out = bundled_mlp(h, w.mlp[0], w.mlp_threshold, observe)
+    for part in w.mlp[1:]:
+        out = out + bundled_mlp(h, part, w.mlp_threshold, observe)
+    return x + out
 
 
 def forward(
     cfg: ModelConfig, weights: ModelWeights, rope: Rope, cache: KVCache,
-    tokens: torch.Tensor, start: int, all_logits: bool,
+    tokens: torch.Tensor, start: int, all_logits: bool, observe_mlp=None,
 ) -> torch.Tensor:
     """Run tokens [S] at positions start..start+S-1; fp32 logits [S or 1, V].
 
     Entries at and after `start` are overwritten, so a later pass can rewrite drafted positions.
+    observe_mlp(layer, a, z), if given, sees every layer's MLP activations.
     """
     s = tokens.shape[0]
     if not 0 <= start <= cache.length:
@@ -84,11 +89,13 @@ def forward(
     if start + s > cache.capacity:
         raise ValueError(f"positions up to {start + s} exceed the KV cache ({cache.capacity})")
     cos, sin = rope.cos[start:start + s], rope.sin[start:start + s]
+    weights.layers.begin()
     x = F.embedding(tokens.to(weights.embed.device), weights.embed)  # [S, H]
     if x.device != cache.k.device:  # embeddings kept in host memory: only these rows move
         x = weights.layers.upload(x)
     for index in range(cfg.num_layers):
-        x = decoder_layer(cfg, weights.layers.acquire(index), x, cache, index, start, cos, sin)
+        observe = None if observe_mlp is None else (lambda a, z, i=index: observe_mlp(i, a, z))
+        x = decoder_layer(cfg, weights.layers.acquire(index), x, cache, index, start, cos, sin, observe)
         weights.layers.release(index)
     cache.length = start + s
     if not all_logits:
@@ -96,10 +103,10 @@ def forward(
     return F.linear(rms_norm(x, weights.norm, cfg.rms_norm_eps), weights.lm_head).float()
 
 
-def prefill(cfg, weights, rope, cache, tokens: torch.Tensor) -> torch.Tensor:
+def prefill(cfg, weights, rope, cache, tokens: torch.Tensor, observe_mlp=None) -> torch.Tensor:
     """Whole prompt from an empty cache; logits [1, V] for the next token."""
     cache.reset()
-    return forward(cfg, weights, rope, cache, tokens, 0, all_logits=False)
+    return forward(cfg, weights, rope, cache, tokens, 0, all_logits=False, observe_mlp=observe_mlp)
 
 
 def decode_one(cfg, weights, rope, cache, token: torch.Tensor) -> torch.Tensor:

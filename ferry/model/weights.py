@@ -2,7 +2,9 @@
 
 A layer lives in one flat buffer (host store, device slot or resident copy alike) and
 `LayerLayout.views` cuts the named tensors out of it, so moving a layer is a single copy and a
-slot's views are built once.
+slot's views are built once. The MLP comes last in the buffer, so the attention weights plus the
+first k neurons form a prefix: after Griffin reorders the neurons, a sparse step's weights are a
+prefix of the layer's buffer.
 """
 
 from __future__ import annotations
@@ -23,17 +25,21 @@ class LayerWeights:
     qkv_bias: torch.Tensor | None  # [q + 2 kv]
     o: torch.Tensor  # [H, q]
     mlp_norm: torch.Tensor  # [H]
-    # [n, 3, H]: for each MLP neuron its gate row, up row and down *column*, side by side.
-    # Row-column bundling: selecting neurons (contextual sparsity) is then a gather of whole
-    # contiguous rows, one per neuron, instead of three scattered reads with a strided column.
-    mlp: torch.Tensor
+    # MLP bundles [n, 3, H] whose outputs add up: for each neuron its gate row, up row and down
+    # *column* side by side. Row-column bundling makes selecting neurons a gather of whole
+    # contiguous rows. One part normally; two when the selected rows are resident on the device
+    # and the complement arrives in a slot.
+    mlp: tuple[torch.Tensor, ...]
+    mlp_threshold: float | None = None  # CATS: skip neurons with |SiLU(gate)| below it
 
 
 @dataclass(frozen=True)
 class LayerLayout:
-    """Where each tensor of a layer sits in the layer's flat buffer."""
+    """Where each tensor of a layer sits in the layer's flat buffer (MLP rows last)."""
 
-    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]  # everything before the MLP
+    intermediate_size: int
+    hidden_size: int
 
     @classmethod
     def for_config(cls, cfg: ModelConfig) -> "LayerLayout":
@@ -41,25 +47,49 @@ class LayerLayout:
         shapes = [("attn_norm", (h,)), ("qkv", (qkv, h))]
         if cfg.attention_bias:
             shapes.append(("qkv_bias", (qkv,)))
-        shapes += [("o", (h, cfg.q_size)), ("mlp_norm", (h,)), ("mlp", (cfg.intermediate_size, 3, h))]
-        return cls(tuple(shapes))
+        shapes += [("o", (h, cfg.q_size)), ("mlp_norm", (h,))]
+        return cls(tuple(shapes), cfg.intermediate_size, h)
+
+    @property
+    def mlp_offset(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.shapes)
+
+    @property
+    def row_numel(self) -> int:
+        """Elements of one MLP neuron's bundle row (gate, up, down column)."""
+        return 3 * self.hidden_size
+
+    def prefix_numel(self, rows: int) -> int:
+        """Elements of the attention weights plus the first `rows` MLP neurons."""
+        return self.mlp_offset + rows * self.row_numel
 
     @property
     def numel(self) -> int:
-        return sum(math.prod(shape) for _, shape in self.shapes)
+        return self.prefix_numel(self.intermediate_size)
 
-    def views(self, flat: torch.Tensor) -> LayerWeights:
-        """Named views into a flat [numel] buffer; no data is copied."""
+    def bundle(self, flat: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Neurons lo..hi-1 of the MLP in a buffer laid out like a whole layer: [hi - lo, 3, H]."""
+        start = self.mlp_offset + lo * self.row_numel
+        return flat[start:start + (hi - lo) * self.row_numel].view(hi - lo, 3, self.hidden_size)
+
+    def attention_views(self, flat: torch.Tensor) -> dict[str, torch.Tensor | None]:
         tensors, offset = {"qkv_bias": None}, 0
         for name, shape in self.shapes:
             size = math.prod(shape)
             tensors[name] = flat[offset:offset + size].view(shape)
             offset += size
-        return LayerWeights(**tensors)
+        return tensors
+
+    def views(self, flat: torch.Tensor, rows: int | None = None) -> LayerWeights:
+        """Named views into a flat buffer holding the attention weights and `rows` neurons."""
+        rows = self.intermediate_size if rows is None else rows
+        return LayerWeights(**self.attention_views(flat), mlp=(self.bundle(flat, 0, rows),))
 
 
 class LayerSource(Protocol):
     """Hands the forward pass each layer's weights, wherever they live (resident or streamed)."""
+
+    def begin(self) -> None: ...
 
     def acquire(self, index: int) -> LayerWeights: ...
 
@@ -68,22 +98,6 @@ class LayerSource(Protocol):
     def upload(self, host: torch.Tensor) -> torch.Tensor:
         """Copy a small host tensor to the compute device (counted like every other copy)."""
         ...
-
-
-class ResidentLayers:
-    """Every layer already on the compute device."""
-
-    def __init__(self, layers: list[LayerWeights], device: torch.device):
-        self.layers, self.device = layers, device
-
-    def acquire(self, index: int) -> LayerWeights:
-        return self.layers[index]
-
-    def release(self, index: int) -> None:
-        pass
-
-    def upload(self, host: torch.Tensor) -> torch.Tensor:
-        return host.to(self.device)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from ferry.model.config import ModelConfig
 from ferry.model.weights import LayerLayout, LayerWeights, ModelWeights
 from ferry.offload.checkpoint import Checkpoint, TensorReader
 from ferry.offload.planner import Plan
-from ferry.offload.streaming import StreamedLayers
+from ferry.offload.streaming import FULL, LayerExecutor, PassView
 from ferry.offload.transfer import host_empty
 
 
@@ -32,6 +32,7 @@ class LoadReport:
 def pack_layer(cfg: ModelConfig, layout: LayerLayout, get, prefix: str, flat: torch.Tensor) -> None:
     """Copy one checkpoint layer into its flat buffer (casting to the buffer's dtype)."""
     w: LayerWeights = layout.views(flat)
+    bundle = w.mlp[0]
     attn, q, kv = prefix + "self_attn.", cfg.q_size, cfg.kv_size
     w.attn_norm.copy_(get(prefix + "input_layernorm.weight"))
     for rows, name in ((slice(0, q), "q"), (slice(q, q + kv), "k"), (slice(q + kv, q + 2 * kv), "v")):
@@ -40,9 +41,9 @@ def pack_layer(cfg: ModelConfig, layout: LayerLayout, get, prefix: str, flat: to
             w.qkv_bias[rows].copy_(get(f"{attn}{name}_proj.bias"))
     w.o.copy_(get(attn + "o_proj.weight"))
     w.mlp_norm.copy_(get(prefix + "post_attention_layernorm.weight"))
-    w.mlp[:, 0].copy_(get(prefix + "mlp.gate_proj.weight"))
-    w.mlp[:, 1].copy_(get(prefix + "mlp.up_proj.weight"))
-    w.mlp[:, 2].copy_(get(prefix + "mlp.down_proj.weight").t())  # down columns become rows
+    bundle[:, 0].copy_(get(prefix + "mlp.gate_proj.weight"))
+    bundle[:, 1].copy_(get(prefix + "mlp.up_proj.weight"))
+    bundle[:, 2].copy_(get(prefix + "mlp.down_proj.weight").t())  # down columns become rows
 
 
 def load_model(
@@ -55,7 +56,7 @@ def load_model(
     pin = device.type == "cuda"
     process = psutil.Process()
     rss_before = peak = process.memory_info().rss
-    resident: dict[int, LayerWeights] = {}
+    resident: dict[int, torch.Tensor] = {}
     host: dict[int, torch.Tensor] = {}
     streamed = set(plan.streamed_layers)
     for i in tqdm(range(cfg.num_layers), desc="loading layers", unit="layer", disable=not progress):
@@ -65,7 +66,7 @@ def load_model(
             flat = torch.empty(layout.numel, dtype=dtype, device=device)
         pack_layer(cfg, layout, reader.get, f"model.layers.{i}.", flat)
         if i not in streamed:
-            resident[i] = layout.views(flat)
+            resident[i] = flat
         peak = max(peak, process.memory_info().rss)
         reader.close()  # drop the file mappings so their pages leave our resident set
     embed_device = device if plan.embed_on_device else torch.device("cpu")
@@ -75,10 +76,12 @@ def load_model(
     norm = reader.get("model.norm.weight").to(device=device, dtype=dtype)
     reader.close()
     peak = max(peak, process.memory_info().rss)
-    layers = StreamedLayers(layout, resident, host, plan.prefetch_depth, link, device, dtype, pipelined)
+    executor = LayerExecutor(layout, resident, host, plan.prefetch_depth, link, device, dtype,
+                             pipelined, prefix_layers=plan.prefix_layers)
     store_bytes = sum(t.numel() * t.element_size() for t in host.values())
     if not plan.embed_on_device:
         store_bytes += embed.numel() * embed.element_size()
     pinned = pin and all(t.is_pinned() for t in host.values())
     report = LoadReport(store_bytes, pinned, peak, rss_before)
-    return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head), report
+    weights = ModelWeights(embed=embed, layers=PassView(executor, FULL), norm=norm, lm_head=lm_head)
+    return weights, report

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from ferry.errors import FerryError
 from ferry.model.config import ModelConfig
 from ferry.model.weights import LayerLayout
+from ferry.sparse.griffin import kept_neurons
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -54,7 +55,7 @@ class Plan:
     host_available_bytes: int
     layer_bytes: int
     resident_layers: tuple[int, ...]
-    streamed_layers: tuple[int, ...]
+    streamed_layers: tuple[int, ...]  # from the host store (prefix-resident ones included)
     kv_cache_bytes: int
     workspace_bytes: int
     lm_head_bytes: int
@@ -66,6 +67,9 @@ class Plan:
     host_bytes: int  # the host store: streamed layers (+ embeddings when kept there)
     bytes_per_token: dict[str, int] = field(default_factory=dict)
     problems: tuple[str, ...] = ()
+    sparsity: float = 0.0
+    prefix_layers: tuple[int, ...] = ()  # streamed layers whose selected neurons stay resident
+    prefix_bytes: int = 0  # attention + selected neurons of one layer
 
     @property
     def fits(self) -> bool:
@@ -79,21 +83,29 @@ class Plan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fits"] = self.fits
-        d["resident_layers"], d["streamed_layers"] = list(self.resident_layers), list(self.streamed_layers)
+        for name in ("resident_layers", "streamed_layers", "prefix_layers"):
+            d[name] = list(d[name])
         d["resident_bytes"] = self.device_bytes
         return d
 
 
 def make_plan(
     cfg: ModelConfig, *, dtype_bytes: int, budget_bytes: int, host_available_bytes: int,
-    ctx: int, prefetch_depth: int = 2, device: str = "cpu",
+    ctx: int, prefetch_depth: int = 2, device: str = "cpu", sparsity: float = 0.0,
+    prefix_resident: bool = True,
 ) -> Plan:
+    """prefix_resident: with Griffin sparsity, keep the selected neurons of streamed layers on the
+    device. Per byte of device memory that saves more link traffic than whole layers do (a
+    prefix is read by every sparse step and spares the full pass its bytes too), so prefixes
+    take the room first, then the leftover turns prefixes into whole resident layers."""
     if prefetch_depth < 1:
         raise FerryError(f"prefetch depth must be at least 1, got {prefetch_depth}")
     if ctx < 1:
         raise FerryError(f"context length must be at least 1, got {ctx}")
     b, h, n_layers = dtype_bytes, cfg.hidden_size, cfg.num_layers
-    layer = LayerLayout.for_config(cfg).numel * b
+    layout = LayerLayout.for_config(cfg)
+    layer = layout.numel * b
+    prefix = layout.prefix_numel(kept_neurons(cfg.intermediate_size, sparsity)) * b
     embed = cfg.vocab_size * h * b
     lm_head = 0 if cfg.tie_word_embeddings else embed  # tied: the embedding matrix is the head
     kv = 2 * n_layers * cfg.num_kv_heads * ctx * cfg.head_dim * b
@@ -118,10 +130,18 @@ def make_plan(
                 f"the device budget {fmt_bytes(budget_bytes)} cannot hold {prefetch_depth} streaming "
                 f"slot(s) of one layer ({fmt_bytes(layer)} each) beside the {fmt_bytes(fixed)} of KV "
                 f"cache, lm_head and workspace; raise --gpu-memory or lower --prefetch-depth")
+    n_prefix = 0
+    if sparsity > 0 and prefix_resident and slots and prefix < layer:
+        spare = max(0, room - slots * layer)
+        n_prefix = min(n_layers, spare // prefix)
+        n_resident = min(n_prefix, (spare - n_prefix * prefix) // (layer - prefix)) if n_prefix == n_layers else 0
+        n_prefix -= n_resident
     streamed = tuple(range(n_resident, n_layers))
+    prefix_layers = streamed[:n_prefix]
     embed_on_device = cfg.tie_word_embeddings or (
         not streamed and budget_bytes - fixed - n_layers * layer >= embed)
-    device_bytes = fixed + (n_resident + slots) * layer + (embed if embed_on_device and lm_head else 0)
+    device_bytes = (fixed + (n_resident + slots) * layer + n_prefix * prefix
+                    + (embed if embed_on_device and lm_head else 0))
     host_bytes = len(streamed) * layer + (0 if embed_on_device else embed)
     # A CPU "device" is a tier of the same RAM as the host store.
     host_need = host_bytes + (device_bytes if device == "cpu" else 0)
@@ -131,14 +151,20 @@ def make_plan(
             f"{fmt_bytes(layer)}{'' if embed_on_device else ', embeddings'}"
             f"{', the CPU device tier' if device == 'cpu' else ''}), "
             f"{fmt_bytes(host_available_bytes)} available")
-    per_token = len(streamed) * layer + (0 if embed_on_device else h * b)
+    row = 0 if embed_on_device else h * b
+    full_pass = (len(streamed) - n_prefix) * layer + n_prefix * (layer - prefix) + row
+    sparse_step = (len(streamed) - n_prefix) * prefix + row
+    per_token = {"dense": full_pass, "full_pass": full_pass}
+    if sparsity > 0:
+        per_token["sparse_step"] = sparse_step
     return Plan(
         device=device, dtype_bytes=b, ctx=ctx, prefetch_depth=prefetch_depth, budget_bytes=budget_bytes,
         host_available_bytes=host_available_bytes, layer_bytes=layer,
         resident_layers=tuple(range(n_resident)), streamed_layers=streamed, kv_cache_bytes=kv,
         workspace_bytes=workspace, lm_head_bytes=lm_head, norm_bytes=norm, embed_bytes=embed,
         embed_on_device=embed_on_device, slot_count=slots, device_bytes=device_bytes,
-        host_bytes=host_bytes, bytes_per_token={"dense": per_token}, problems=tuple(problems),
+        host_bytes=host_bytes, bytes_per_token=per_token, problems=tuple(problems),
+        sparsity=sparsity, prefix_layers=prefix_layers, prefix_bytes=prefix,
     )
 
 
@@ -159,9 +185,14 @@ def describe(plan: Plan, cfg: ModelConfig, name: str) -> str:
         f"  embeddings {'on the device' if plan.embed_on_device else 'in host memory (one row per token moves)'}",
         f"  layers     {len(plan.resident_layers)} of {n} ({fmt_bytes(len(plan.resident_layers) * plan.layer_bytes)})",
         f"  slots      {plan.slot_count} x {fmt_bytes(plan.layer_bytes)} for streamed layers",
+        *([f"  selected   neurons of {len(plan.prefix_layers)} streamed layers "
+           f"({fmt_bytes(plan.prefix_bytes)} each with attention, sparsity {plan.sparsity:g})"]
+          if plan.prefix_layers else []),
         f"  total      {fmt_bytes(plan.device_bytes)}",
         f"streamed     {len(plan.streamed_layers)} layers from host memory ({fmt_bytes(plan.host_bytes)} host store)",
-        f"per token    {fmt_bytes(plan.bytes_per_token['dense'])} cross the link (dense)",
+        f"per token    {fmt_bytes(plan.bytes_per_token['dense'])} cross the link (dense / full pass)",
+        *([f"sparse step  {fmt_bytes(plan.bytes_per_token['sparse_step'])} cross the link"]
+          if "sparse_step" in plan.bytes_per_token else []),
     ]
     if plan.problems:
         rows.append("DOES NOT FIT: " + "; ".join(plan.problems))

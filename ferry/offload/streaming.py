@@ -1,80 +1,264 @@
-"""Streamed layers: a fixed pool of device slots refilled from the host store over a Link.
+"""The layer executor: resident weights, a fixed pool of device slots, and the prefetch queue.
 
-Every forward pass visits layers 0..L-1 in order, so the streamed layers are used in a fixed
-cycle. Use number n (counted across passes and tokens) runs from slot n % depth; right after
-use n is released, the copy for use n + depth is issued into the slot it just freed. Prefetch
-is therefore `depth` layers deep and crosses token boundaries on its own: while the last layers
-of one step compute, the first streamed layers of the next are already on their way.
+Every forward pass is one of two kinds: FULL (all MLP neurons: prefill, dense steps, the
+correction pass) or SPARSE (only the selected neurons). After Griffin reorders each layer's
+neurons, the selected ones form a prefix of the layer's flat buffer, so per layer and kind the
+bytes to move are one contiguous range of the host buffer:
 
-The serial schedule (the oracle) fetches each layer when it is needed and waits for it.
+- whole layer resident: nothing moves;
+- prefix resident (attention + selected rows on the device): SPARSE moves nothing, FULL moves
+  the complement rows;
+- streamed: SPARSE moves the prefix, FULL the whole layer.
+
+Fetches form a queue in the order they will be used, across layers, passes and tokens. Item n
+goes to slot n % depth; when item n is released, item n + depth is issued into the slot it just
+freed, so prefetch is `depth` items deep and the first layers of the next pass load while the
+last ones of this pass compute. The kinds of future passes come from `expect` (the decode loop
+knows its schedule) or repeat the last kind; a wrong guess is corrected at `begin_pass` (the
+guessed copies are wasted, never used). The serial schedule fetches each layer when needed and
+waits for it: the correctness oracle.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Sequence
+
 import torch
 
+from ferry.kernels.gather import gather_rows
 from ferry.model.weights import LayerLayout, LayerWeights
 
+FULL, SPARSE = "full", "sparse"
 
-class StreamedLayers:
+
+@dataclass(frozen=True)
+class Item:
+    pass_no: int
+    layer: int
+    kind: str
+
+
+class LayerExecutor:
     def __init__(
-        self, layout: LayerLayout, resident: dict[int, LayerWeights], host: dict[int, torch.Tensor],
+        self, layout: LayerLayout, resident: dict[int, torch.Tensor], host: dict[int, torch.Tensor],
         depth: int, link, device: torch.device, dtype: torch.dtype, pipelined: bool = True,
+        prefix_layers: Sequence[int] = (),
     ):
-        self.resident, self.host, self.link, self.pipelined = resident, host, link, pipelined
+        self.layout, self.resident, self.host, self.link = layout, resident, host, link
+        self.device, self.dtype, self.pipelined = device, dtype, pipelined
         self.order = tuple(sorted(host))  # streamed layers in visiting order
-        self.position = {layer: j for j, layer in enumerate(self.order)}
+        self.prefix_layers = tuple(prefix_layers)  # streamed layers whose selected prefix stays
+        self.prefix_buffers: dict[int, torch.Tensor] = {}
         self.depth = min(depth, len(self.order)) if self.order else 0
         self.slots = [torch.empty(layout.numel, dtype=dtype, device=device) for _ in range(self.depth)]
-        self.views = [layout.views(slot) for slot in self.slots]  # built once, reused forever
-        self.device = device
         self.tickets: list = [None] * self.depth
         self.freed: list = [None] * self.depth  # compute-done markers guarding slot reuse
-        self.slot_layer = [-1] * self.depth
-        self.used = 0  # number of streamed-layer uses so far
-        if self.pipelined and self.order:
-            self._restart(0)
+        self.rows = layout.intermediate_size  # neurons a SPARSE pass uses (a prefix)
+        self.thresholds: list[float] | None = None  # CATS thresholds for SPARSE passes
+        self._views: dict[tuple, LayerWeights] = {}
+        self.queue: deque[Item] = deque()  # unconsumed fetches in use order
+        self.head = 0  # number of queue[0]; its slot is head % depth
+        self.in_flight = 0  # the first in_flight items of the queue have been issued
+        self.pass_no, self.kind = 0, FULL
+        self.predicted: dict[int, str] = {}  # expected kind of future passes, by pass number
+        self.default_kind = FULL  # assumed for passes beyond the predictions
 
-    def _fetch(self, use: int) -> None:
-        """Issue the copy for use number `use` into its slot."""
-        slot, layer = use % self.depth, self.order[use % len(self.order)]
-        self.tickets[slot] = self.link.copy(self.slots[slot], self.host[layer], after=self.freed[slot])
-        self.slot_layer[slot] = layer
+    # --- what a (layer, kind) needs -------------------------------------------------------
+    def fetch_range(self, layer: int, kind: str) -> tuple[int, int] | None:
+        """The element range of the layer's host buffer a pass of this kind must move."""
+        if layer in self.resident:
+            return None
+        prefix = self.layout.prefix_numel(self.rows)
+        if layer in self.prefix_buffers:
+            return None if kind == SPARSE or self.rows == self.layout.intermediate_size else (prefix, self.layout.numel)
+        return (0, prefix) if kind == SPARSE and self.thresholds is None else (0, self.layout.numel)
 
-    def _restart(self, position: int) -> None:
-        """Align the cycle so the next use is `position` and prefetch `depth` uses ahead."""
-        for ticket in self.tickets:
-            self.link.wait(ticket)
-        self.used = position
-        for use in range(position, position + self.depth):
-            self._fetch(use)
+    def weights(self, layer: int, kind: str, slot: int | None) -> LayerWeights:
+        key = (layer, kind, slot)
+        if key not in self._views:
+            self._views[key] = self._build_views(layer, kind, slot)
+        return self._views[key]
 
-    def acquire(self, index: int) -> LayerWeights:
-        if index in self.resident:
-            return self.resident[index]
-        position = self.position[index]
-        slot = self.used % self.depth
-        if not self.pipelined:
-            self._fetch(self.used)
-        elif self.used % len(self.order) != position or self.slot_layer[slot] != index:
-            self._restart(position)  # a pass was cut short (an exception): resynchronise
-            slot = self.used % self.depth
-        self.link.wait(self.tickets[slot])
-        return self.views[slot]
-
-    def release(self, index: int) -> None:
-        if index in self.resident:
-            return
-        slot = self.used % self.depth
-        self.freed[slot] = self.link.compute_done()
-        if self.pipelined:
-            self._fetch(self.used + self.depth)
+    def _build_views(self, layer: int, kind: str, slot: int | None) -> LayerWeights:
+        n, k, lay = self.layout.intermediate_size, self.rows, self.layout
+        sparse_rows = k if kind == SPARSE and self.thresholds is None else n
+        threshold = self.thresholds[layer] if kind == SPARSE and self.thresholds is not None else None
+        if layer in self.resident:
+            w = lay.views(self.resident[layer], rows=sparse_rows)
+        elif layer in self.prefix_buffers:
+            w = lay.views(self.prefix_buffers[layer], rows=k)
+            if sparse_rows == n and k < n:  # the complement arrives in the slot, from offset 0
+                comp = self.slots[slot][:(n - k) * lay.row_numel].view(n - k, 3, lay.hidden_size)
+                w = replace(w, mlp=w.mlp + (comp,))
         else:
-            self.slot_layer[slot] = -1
-        self.used += 1
+            w = lay.views(self.slots[slot], rows=sparse_rows)
+        return replace(w, mlp_threshold=threshold) if threshold is not None else w
+
+    # --- the pass protocol ------------------------------------------------------------------
+    def begin_pass(self, kind: str) -> None:
+        self.pass_no += 1
+        self.kind = kind
+        self.predicted.pop(self.pass_no, None)
+        if not self.predicted:
+            self.default_kind = kind
+        if not self.pipelined:
+            return
+        while self.queue and self.queue[0].pass_no < self.pass_no:  # left over from a cut pass
+            self._drop_front()
+        head_pass = self.queue[0] if self.queue else None
+        needs = any(self.fetch_range(i, kind) for i in self.order)
+        wrong = head_pass is not None and head_pass.pass_no == self.pass_no and head_pass.kind != kind
+        missing = needs and (head_pass is None or head_pass.pass_no != self.pass_no)
+        if wrong or missing:
+            self._drop_from(self.pass_no)
+            self._queue_pass(self.pass_no, kind)
+        self._issue()
+
+    def expect(self, kinds: Sequence[str]) -> None:
+        """Kinds of the passes after the current one, so prefetch loads the right bytes."""
+        self.predicted = {self.pass_no + j: kind for j, kind in enumerate(kinds, start=1)}
+        self.default_kind = kinds[-1] if kinds else self.kind
+        if not self.pipelined:
+            return
+        for offset, kind in enumerate(kinds, start=1):
+            p = self.pass_no + offset
+            if any(it.pass_no == p and it.kind != kind for it in self.queue):
+                self._drop_from(p)
+                break
+        self._issue()
+
+    def acquire(self, layer: int) -> LayerWeights:
+        span = self.fetch_range(layer, self.kind)
+        if span is None:
+            return self.weights(layer, self.kind, None)
+        if not self.pipelined:
+            slot = self.head % self.depth
+            self._copy(slot, layer, span)
+        else:
+            item = self.queue[0] if self.queue else None
+            if item != Item(self.pass_no, layer, self.kind) or self.in_flight == 0:
+                self._drop_from(0)  # out of step (a pass cut short): start over from here
+                self._queue_pass(self.pass_no, self.kind, first_layer=layer)
+                self._issue()
+            slot = self.head % self.depth
+        self.link.wait(self.tickets[slot])
+        return self.weights(layer, self.kind, slot)
+
+    def release(self, layer: int) -> None:
+        if self.fetch_range(layer, self.kind) is None:
+            return
+        slot = self.head % self.depth
+        self.freed[slot] = self.link.compute_done()
+        self.head += 1
+        if self.pipelined:
+            self.queue.popleft()
+            self.in_flight -= 1
+            self._issue()
 
     def upload(self, host: torch.Tensor) -> torch.Tensor:
         """Small host tensors (embedding rows): copied now, counted, and waited for."""
         out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
         self.link.wait(self.link.copy(out, host))
         return out
+
+    # --- the queue ----------------------------------------------------------------------------
+    def _queue_pass(self, pass_no: int, kind: str, first_layer: int = -1) -> None:
+        for layer in self.order:
+            if layer >= first_layer and self.fetch_range(layer, kind):
+                self.queue.append(Item(pass_no, layer, kind))
+
+    def _extend(self) -> bool:
+        """Queue the next predicted pass; False when that adds nothing."""
+        last = self.queue[-1].pass_no if self.queue else self.pass_no
+        horizon = max([last, *self.predicted]) + 1
+        for p in range(last + 1, horizon + 1):
+            kind = self.predicted.get(p, self.default_kind)
+            before = len(self.queue)
+            self._queue_pass(p, kind)
+            if len(self.queue) > before:
+                return True
+        return False
+
+    def _issue(self) -> None:
+        while self.depth and self.in_flight < self.depth:
+            if self.in_flight >= len(self.queue) and not self._extend():
+                return
+            item = self.queue[self.in_flight]
+            self._copy((self.head + self.in_flight) % self.depth, item.layer, self.fetch_range(item.layer, item.kind))
+            self.in_flight += 1
+
+    def _copy(self, slot: int, layer: int, span: tuple[int, int]) -> None:
+        lo, hi = span
+        self.tickets[slot] = self.link.copy(self.slots[slot][:hi - lo], self.host[layer][lo:hi],
+                                            after=self.freed[slot])
+
+    def _drop_from(self, pass_no: int) -> None:
+        """Forget queued items of pass_no and later; issued ones are wasted (their slots reused)."""
+        while self.queue and self.queue[-1].pass_no >= pass_no:
+            self.queue.pop()
+        self.in_flight = min(self.in_flight, len(self.queue))
+
+    def _drop_front(self) -> None:
+        self.queue.popleft()
+        self.head += 1
+        self.in_flight = max(0, self.in_flight - 1)
+
+    # --- selection ------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Wait (on the host) for every issued copy and forget the queue, so host buffers can
+        change."""
+        for ticket in self.tickets:
+            self.link.finish(ticket)
+        self.queue.clear()
+        self.in_flight = 0
+
+    def reorder_neurons(self, orders: Sequence[torch.Tensor], rows: int) -> None:
+        """Put each layer's selected neurons first (orders[i] is a permutation of the neurons)
+        and make SPARSE passes use the first `rows` of them; selected prefixes of the
+        prefix-resident layers are (re)loaded onto the device."""
+        self.drain()
+        staging = None
+        for layer, order in enumerate(orders):
+            flat = self.resident.get(layer, self.host.get(layer))
+            bundle = flat[self.layout.mlp_offset:].view(self.layout.intermediate_size, -1)
+            if staging is None or staging.device != bundle.device:
+                staging = torch.empty_like(bundle)
+            gather_rows(bundle, order.to(bundle.device), staging)
+            bundle.copy_(staging)
+        self.rows, self.thresholds = rows, None
+        prefix = self.layout.prefix_numel(rows)
+        if rows == self.layout.intermediate_size:
+            self.prefix_buffers.clear()
+        for layer in self.prefix_layers if rows < self.layout.intermediate_size else ():
+            if layer not in self.prefix_buffers:
+                self.prefix_buffers[layer] = torch.empty(prefix, dtype=self.dtype, device=self.device)
+            self.link.wait(self.link.copy(self.prefix_buffers[layer], self.host[layer][:prefix]))
+        self._views.clear()
+
+    def set_thresholds(self, thresholds: Sequence[float]) -> None:
+        """CATS: SPARSE passes use every neuron, skipping those under the layer's threshold."""
+        self.drain()
+        self.prefix_buffers.clear()
+        self.rows, self.thresholds = self.layout.intermediate_size, list(thresholds)
+        self._views.clear()
+
+
+class PassView:
+    """The executor seen by one forward pass of a given kind (what `forward` calls)."""
+
+    def __init__(self, executor: LayerExecutor, kind: str):
+        self.executor, self.kind = executor, kind
+
+    def begin(self) -> None:
+        self.executor.begin_pass(self.kind)
+
+    def acquire(self, index: int) -> LayerWeights:
+        return self.executor.acquire(index)
+
+    def release(self, index: int) -> None:
+        self.executor.release(index)
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        return self.executor.upload(host)

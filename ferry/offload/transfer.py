@@ -86,6 +86,9 @@ class InOrderLink:
     def wait(self, ticket) -> None:
         pass
 
+    def finish(self, ticket) -> None:
+        pass
+
     def compute_done(self):
         return None
 
@@ -125,6 +128,10 @@ class EmulatedLink:
         ticket.wait()
         with self._lock:
             self._stats.stall_s += time.perf_counter() - t0
+
+    def finish(self, ticket: threading.Event | None) -> None:
+        """Block the calling thread until the copy is done."""
+        self.wait(ticket)
 
     def compute_done(self):
         return None  # copies are issued from the compute thread after the compute they follow
@@ -200,6 +207,11 @@ class CudaLink:
         self._stall_events.append((before, after))
         if len(self._stall_events) > 1024:
             self._fold(finished_only=True)
+
+    def finish(self, ticket: torch.cuda.Event | None) -> None:
+        """Block the host until the copy is done (before its source buffer is rewritten)."""
+        if ticket is not None:
+            ticket.synchronize()
 
     def compute_done(self) -> torch.cuda.Event:
         event = torch.cuda.Event()

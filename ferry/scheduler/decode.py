@@ -1,57 +1,89 @@
-"""The dense decode loop: prefill, then one-token steps until a stop token, the limit or the context end."""
+"""Decode loops: dense, sparse-only, and (in correction.py) sparse with periodic correction.
+
+Each loop yields committed token ids one at a time and fills a DecodeStats as it goes. The
+first token comes from the prefill, which the engine runs (it also chooses the sparse set).
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
 from ferry.model.config import ModelConfig
-from ferry.model.forward import Rope, decode_one, prefill
+from ferry.model.forward import Rope, forward
 from ferry.model.weights import ModelWeights
 from ferry.scheduler.kv_cache import KVCache
 
+Sampler = Callable[[torch.Tensor], int]
+
 
 @dataclass
-class DecodeTimes:
-    """Seconds spent in model work, excluding time the consumer holds the generator."""
+class DecodeStats:
+    """Counters of one generation. Model time excludes time the consumer holds the generator."""
 
     prefill_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str = ""  # "stop", "length" or "context"
-    steps: int = field(default=0)
+    steps: int = 0  # forward passes after the prefill (sparse steps + full passes)
+    sparse_steps: int = 0
+    full_passes: int = 0  # full-weight passes after the prefill (dense steps or corrections)
+    drafts: int = 0  # sparse tokens checked by a full pass
+    accepted: int = 0  # of those, kept
+    corrections: int = 0  # full passes that replaced a rejected draft
 
 
-def decode_dense(
-    cfg: ModelConfig, weights: ModelWeights, rope: Rope, cache: KVCache,
-    prompt: torch.Tensor, max_new_tokens: int, sample: Callable[[torch.Tensor], int],
-    stop_ids: frozenset[int], times: DecodeTimes,
-) -> Iterator[int]:
-    """Yield new token ids one at a time; `times` is filled in as it goes."""
-    if max_new_tokens == 0:
-        times.finish_reason = "length"
-        return
-    t0 = time.perf_counter()
-    token = sample(prefill(cfg, weights, rope, cache, prompt)[-1])
-    times.prefill_s = time.perf_counter() - t0
-    step_input = torch.empty(1, dtype=torch.long, device=prompt.device)  # reused every step
-    produced = 1
-    while True:
-        yield token
-        if token in stop_ids:
-            times.finish_reason = "stop"
-            return
-        if produced == max_new_tokens:
-            times.finish_reason = "length"
-            return
-        if cache.length == cache.capacity:
-            times.finish_reason = "context"
-            return
+class Passes:
+    """The forward passes a decode loop can run: full weights, or the sparse selection."""
+
+    def __init__(self, cfg: ModelConfig, rope: Rope, cache: KVCache, full: ModelWeights,
+                 sparse: ModelWeights, expect: Callable[[list[str]], None] = lambda kinds: None):
+        self.cfg, self.rope, self.cache = cfg, rope, cache
+        self.full_weights, self.sparse_weights, self.expect = full, sparse, expect
+        self.step_input = torch.empty(1, dtype=torch.long, device=cache.k.device)  # reused
+
+    def full(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Full weights over tokens at start..; logits for every position [S, V]."""
+        return forward(self.cfg, self.full_weights, self.rope, self.cache, tokens, start, all_logits=True)
+
+    def full_step(self, token: int) -> torch.Tensor:
+        self.step_input.fill_(token)
+        return self.full(self.step_input, self.cache.length)[-1]
+
+    def sparse_step(self, token: int) -> torch.Tensor:
+        self.step_input.fill_(token)
+        return forward(self.cfg, self.sparse_weights, self.rope, self.cache, self.step_input,
+                       self.cache.length, all_logits=False)[-1]
+
+
+def _finish(stats: DecodeStats, token: int, produced: int, max_new: int, cache: KVCache,
+            stop_ids: frozenset[int]) -> bool:
+    """Whether generation ends after `token` (recording why)."""
+    if token in stop_ids:
+        stats.finish_reason = "stop"
+    elif produced >= max_new:
+        stats.finish_reason = "length"
+    elif cache.length >= cache.capacity:
+        stats.finish_reason = "context"
+    return bool(stats.finish_reason)
+
+
+def decode_stepwise(passes: Passes, first: int, max_new: int, sample: Sampler,
+                    stop_ids: frozenset[int], stats: DecodeStats, sparse: bool) -> Iterator[int]:
+    """One token per pass: dense (full weights) or sparse-only (no correction)."""
+    token, produced = first, 1
+    yield token
+    while not _finish(stats, token, produced, max_new, passes.cache, stop_ids):
         t0 = time.perf_counter()
-        step_input.fill_(token)
-        token = sample(decode_one(cfg, weights, rope, cache, step_input)[-1])
-        times.decode_s += time.perf_counter() - t0
-        times.steps += 1
+        logits = passes.sparse_step(token) if sparse else passes.full_step(token)
+        token = sample(logits)
+        stats.decode_s += time.perf_counter() - t0
+        stats.steps += 1
+        if sparse:
+            stats.sparse_steps += 1
+        else:
+            stats.full_passes += 1
         produced += 1
+        yield token

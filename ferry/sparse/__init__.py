@@ -1,0 +1,1 @@
+"""Neuron selection for contextual sparsity: pure functions over MLP activations, no device code."""

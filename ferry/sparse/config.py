@@ -1,0 +1,22 @@
+"""The sparsity settings of a run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ferry.errors import FerryError
+
+METHODS = ("griffin", "cats")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    sparsity: float = 0.0  # fraction of MLP neurons dropped; 0 is dense
+    method: str = "griffin"  # griffin (prompt-fixed rows) or cats (per-token threshold)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.sparsity) and 0 <= self.sparsity < 1):
+            raise FerryError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.method not in METHODS:
+            raise FerryError(f"--sparse-method must be one of {', '.join(METHODS)}, got {self.method!r}")

@@ -1,0 +1,34 @@
+"""Griffin: a prompt-fixed set of MLP neurons per layer, chosen from the prefill's activations.
+
+For prompt activations z = SiLU(gate(x)) * up(x), shape [T, I], each token's row is scaled to
+unit L2 norm (so no single token dominates) and neuron j scores the L2 norm of its column. The
+top k = round((1 - sparsity) * I) neurons are kept, the same k in every layer, for the whole
+generation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kept_neurons(intermediate_size: int, sparsity: float) -> int:
+    return max(1, round((1 - sparsity) * intermediate_size))
+
+
+def griffin_scores(z: torch.Tensor) -> torch.Tensor:
+    """z [T, I] -> neuron scores [I] (fp32)."""
+    z = z.float()
+    unit = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return unit.norm(dim=0)
+
+
+def griffin_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A permutation of the neurons [I]: the k best first (by score), then the rest in order.
+
+    Reordering a layer's neurons this way makes the selected set a contiguous prefix of the MLP
+    bundle; the MLP itself is unchanged by any permutation of its neurons.
+    """
+    top = torch.topk(scores, k, sorted=True).indices
+    rest = torch.ones_like(scores, dtype=torch.bool)
+    rest[top] = False
+    return torch.cat([top, rest.nonzero().flatten()])
