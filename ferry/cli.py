@@ -27,15 +27,16 @@ def _int_at_least(low: int):
     return parse
 
 
-def _float_in(low: float, high: float, low_open: bool = False):
+def _float_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-            bracket = "(" if low_open else "["
-            raise argparse.ArgumentTypeError(f"must be in {bracket}{low}, {high}], got {text}")
+        if (not math.isfinite(value) or value < low or value > high or (low_open and value == low)
+                or (high_open and value == high)):
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
         return value
 
     return parse
@@ -63,6 +64,24 @@ def add_model_args(p: argparse.ArgumentParser, ctx_help: str) -> None:
                    help="streaming slots: layers in flight ahead of compute (default 2)")
 
 
+def add_sparsity_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparsity", type=_float_in(0, 1, high_open=True), default=0.0, metavar="S",
+                   help="fraction of MLP neurons dropped in sparse steps, 0 <= S < 1 (default 0: dense)")
+    p.add_argument("--sparse-method", choices=["griffin", "cats"], default="griffin",
+                   help="griffin: prompt-fixed neurons (default); cats: per-token threshold")
+
+
+def add_correction_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=["dense", "sparse", "sirius"],
+                   help="sparse steps only, or with periodic correction (default: sirius when --sparsity > 0)")
+    p.add_argument("--period", type=_int_at_least(1), default=16, metavar="K",
+                   help="one full-weight correction pass per at most K tokens (default 16)")
+    p.add_argument("--threshold", type=_float_in(0, 1), default=0.1, metavar="T",
+                   help="probability a draft needs under the full model at temperature 0.6 (default 0.1)")
+    p.add_argument("--accept", choices=["threshold", "strict"], default="threshold",
+                   help="strict: a draft must equal the full model's argmax (output equals dense greedy)")
+
+
 def add_stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-gbps", type=_float_in(0, math.inf, low_open=True), metavar="X",
                    help="CPU device only: emulate a host-to-device link of X GB/s (tests, benchmarks)")
@@ -77,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate text; tokens stream to stdout as they are produced.")
     add_model_args(gen, "KV cache length in tokens (default: longest prompt + max new tokens)")
     add_stream_args(gen)
+    add_sparsity_args(gen)
+    add_correction_args(gen)
     src = gen.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="the prompt (default: read from stdin)")
     src.add_argument("--prompt-file", help="one prompt a line, or JSON lines with a \"prompt\" field")
@@ -91,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="show what stays on the device and what streams",
                           description="The memory plan from a model's config alone (no weights are read).")
     add_model_args(plan, "context to reserve the KV cache for (default: min(4096, the model's maximum))")
+    add_sparsity_args(plan)
     plan.add_argument("--host-memory", type=_size, metavar="SIZE",
                       help="host budget (default: this machine's available memory)")
     plan.add_argument("--json", action="store_true", help="one JSON object")
@@ -134,6 +156,8 @@ def run_generate(args: argparse.Namespace) -> None:
     from ferry.offload.sources import resolve_model
     from ferry.model.config import ModelConfig
     from ferry.offload.checkpoint import load_hf_config
+    from ferry.scheduler.correction import CorrectionConfig
+    from ferry.sparse.config import SparsityConfig
     from ferry.text import encode_prompt
 
     prompts = read_prompts(args)
@@ -147,7 +171,11 @@ def run_generate(args: argparse.Namespace) -> None:
         longest = max(len(encode_prompt(tokenizer, p, args.chat)) for p in prompts)
         ctx = min(longest + max(1, args.max_new_tokens), max_positions)
     runtime = RuntimeConfig(dtype=args.dtype, device=args.device, ctx=ctx)
-    engine = Engine(folder, runtime=runtime, offload=offload, tokenizer=tokenizer)
+    sparsity = SparsityConfig(sparsity=args.sparsity, method=args.sparse_method)
+    correction = CorrectionConfig(mode=args.mode or ("sirius" if args.sparsity > 0 else "dense"),
+                                  period=args.period, threshold=args.threshold, accept=args.accept)
+    engine = Engine(folder, runtime=runtime, offload=offload, sparsity=sparsity, correction=correction,
+                    tokenizer=tokenizer)
     if engine.plan.streamed_layers:
         print(f"ferry: {len(engine.plan.streamed_layers)} of {engine.config.num_layers} layers stream "
               f"from host memory, {fmt_bytes(engine.plan.bytes_per_token['dense'])} per token",
@@ -183,7 +211,8 @@ def run_plan(args: argparse.Namespace) -> int:
     dtype_bytes = 4 if args.dtype == "fp32" else 2
     ctx = args.ctx or min(4096, cfg.max_position_embeddings)
     plan = make_plan(cfg, dtype_bytes=dtype_bytes, budget_bytes=budget, host_available_bytes=host,
-                     ctx=ctx, prefetch_depth=args.prefetch_depth, device=device)
+                     ctx=ctx, prefetch_depth=args.prefetch_depth, device=device, sparsity=args.sparsity,
+                     prefix_resident=args.sparse_method == "griffin")
     if args.json:
         print(json.dumps(plan.to_dict()))
     else:

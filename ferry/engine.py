@@ -140,7 +140,7 @@ class Engine:
 
     @property
     def uses_sparsity(self) -> bool:
-        return self.correction.mode != "dense" and self.sparsity.sparsity > 0
+        return self.correction.mode != "dense"
 
     def _make_plan(self) -> Plan:
         budget, host = default_budgets(self.device.type, self.offload)

@@ -76,3 +76,19 @@ def test_streamed_default_model_matches_resident(engine, options):
         assert report.peak_rss_bytes - report.rss_before_bytes < 1.5 * report.host_store_bytes + (64 << 20)
     finally:
         streamed.close()
+
+
+@pytest.mark.parametrize("options", [
+    dict(sparsity=0.5, accept="strict"),
+    dict(sparsity=0.3, accept="strict", period=8, gpu_memory="130MiB", link_gbps=20.0),
+])
+def test_strict_sirius_reproduces_dense_greedy(engine, options):
+    sirius = ferry.load(progress=False, ctx=256, **options)
+    try:
+        for prompt in ["What is the capital of France?", "List three fruits.", "What is 12 + 30?"]:
+            want = engine.generate(prompt, max_new_tokens=24)
+            got = sirius.generate(prompt, max_new_tokens=24)
+            assert got.token_ids == want.token_ids, prompt
+            assert got.stats.mode == "sirius" and got.stats.aal >= 1
+    finally:
+        sirius.close()

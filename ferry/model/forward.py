@@ -68,9 +68,17 @@ def decoder_layer(
     h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
     x = x + attention(cfg, w, h, cache.k[index], cache.v[index], start, cos, sin)
     h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
-    out = bundled_mlp(h, w.mlp[0], w.mlp_threshold, observe)
+    if len(w.mlp) == 1:
+        return x + bundled_mlp(h, w.mlp[0], w.mlp_threshold, observe)
+    # Selected rows resident, complement streamed: the parts' outputs add up; an observer sees
+    # the activations of all neurons together, in buffer order.
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    record = None if observe is None else (lambda a, z: seen.append((a, z)))
+    out = bundled_mlp(h, w.mlp[0], w.mlp_threshold, record)
     for part in w.mlp[1:]:
-        out = out + bundled_mlp(h, part, w.mlp_threshold, observe)
+        out = out + bundled_mlp(h, part, w.mlp_threshold, record)
+    if observe is not None:
+        observe(torch.cat([a for a, _ in seen], dim=-1), torch.cat([z for _, z in seen], dim=-1))
     return x + out
 
 
