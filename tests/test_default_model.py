@@ -80,13 +80,16 @@ def test_streamed_default_model_matches_resident(engine, options):
 
 @pytest.mark.parametrize("options", [
     dict(sparsity=0.5, accept="strict"),
-    dict(sparsity=0.3, accept="strict", period=8, gpu_memory="130MiB", link_gbps=20.0),
+    dict(sparsity=0.3, accept="strict", period=8, gpu_memory="260MiB", link_gbps=20.0),
 ])
-def test_strict_sirius_reproduces_dense_greedy(engine, options):
-    sirius = ferry.load(progress=False, ctx=256, **options)
+def test_strict_sirius_reproduces_dense_greedy(options):
+    # fp32: in bf16 the full pass (a multi-token GEMM, the MLP split into resident and streamed
+    # parts) rounds differently from one-token dense steps, which can flip a near-tie argmax.
+    dense = ferry.load(progress=False, ctx=256, dtype="fp32")
+    sirius = ferry.load(progress=False, ctx=256, dtype="fp32", **options)
     try:
         for prompt in ["What is the capital of France?", "List three fruits.", "What is 12 + 30?"]:
-            want = engine.generate(prompt, max_new_tokens=24)
+            want = dense.generate(prompt, max_new_tokens=24)
             got = sirius.generate(prompt, max_new_tokens=24)
             assert got.token_ids == want.token_ids, prompt
             assert got.stats.mode == "sirius" and got.stats.aal >= 1
