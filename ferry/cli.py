@@ -64,6 +64,10 @@ def add_model_args(p: argparse.ArgumentParser, ctx_help: str) -> None:
                    help="streaming slots: layers in flight ahead of compute (default 2)")
 
 
+def _period(text: str) -> int | str:
+    return "auto" if text == "auto" else _int_at_least(1)(text)
+
+
 def add_sparsity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=_float_in(0, 1, high_open=True), default=0.0, metavar="S",
                    help="fraction of MLP neurons dropped in sparse steps, 0 <= S < 1 (default 0: dense)")
@@ -74,8 +78,14 @@ def add_sparsity_args(p: argparse.ArgumentParser) -> None:
 def add_correction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["dense", "sparse", "sirius"],
                    help="sparse steps only, or with periodic correction (default: sirius when --sparsity > 0)")
-    p.add_argument("--period", type=_int_at_least(1), default=16, metavar="K",
-                   help="one full-weight correction pass per at most K tokens (default 16)")
+    p.add_argument("--period", type=_period, default=16, metavar="K|auto",
+                   help="one full-weight correction pass per at most K tokens (default 16); auto: "
+                        "whenever the sparse model is unsure, at most --max-period tokens")
+    p.add_argument("--max-period", type=_int_at_least(1), default=16, metavar="K",
+                   help="with --period auto: the longest chunk (default 16)")
+    p.add_argument("--draft-confidence", type=_float_in(0, 1), metavar="P",
+                   help="with --period auto: end the chunk after a draft the sparse model gives "
+                        "probability < P (default: chosen automatically to minimise cost per token)")
     p.add_argument("--threshold", type=_float_in(0, 1), default=0.1, metavar="T",
                    help="probability a draft needs under the full model at temperature 0.6 (default 0.1)")
     p.add_argument("--accept", choices=["threshold", "strict"], default="threshold",
@@ -172,8 +182,13 @@ def run_generate(args: argparse.Namespace) -> None:
         ctx = min(longest + max(1, args.max_new_tokens), max_positions)
     runtime = RuntimeConfig(dtype=args.dtype, device=args.device, ctx=ctx)
     sparsity = SparsityConfig(sparsity=args.sparsity, method=args.sparse_method)
-    correction = CorrectionConfig(mode=args.mode or ("sirius" if args.sparsity > 0 else "dense"),
-                                  period=args.period, threshold=args.threshold, accept=args.accept)
+    adaptive = args.period == "auto"
+    if args.draft_confidence is not None and not adaptive:
+        raise FerryError("--draft-confidence needs --period auto")
+    correction = CorrectionConfig(
+        mode=args.mode or ("sirius" if args.sparsity > 0 else "dense"),
+        period=args.max_period if adaptive else args.period, threshold=args.threshold,
+        accept=args.accept, adaptive=adaptive, draft_confidence=args.draft_confidence)
     engine = Engine(folder, runtime=runtime, offload=offload, sparsity=sparsity, correction=correction,
                     tokenizer=tokenizer)
     if engine.plan.streamed_layers:

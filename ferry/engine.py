@@ -23,6 +23,7 @@ from ferry.offload.sources import resolve_model
 from ferry.offload.transfer import CudaLink, EmulatedLink, InOrderLink
 from ferry.model.forward import forward
 from ferry.offload.streaming import FULL, SPARSE, PassView
+from ferry.scheduler.adaptive import ConfidenceTuner
 from ferry.scheduler.calibrate import load_or_calibrate, thresholds_for
 from ferry.scheduler.correction import CorrectionConfig, decode_sirius
 from ferry.scheduler.decode import DecodeStats, Passes, decode_stepwise
@@ -75,6 +76,7 @@ class GenerationStats:
     wasted_drafts: int  # sparse tokens a full pass rejected or never looked at
     effective_density: float  # (sparse_steps * d_sparse + full_passes) / tokens after the first
     select_s: float  # choosing and arranging the sparse set after the prefill
+    draft_confidence: float | None  # adaptive period: the confidence threshold in use at the end
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,20 @@ class Engine:
             table = load_or_calibrate(self.folder, self.config, self.weights, self.tokenizer,
                                       self.dtype, self.device, progress)
             self.executor.set_thresholds(thresholds_for(table, sparsity.sparsity))
+        self.tuner = None
+        if self.correction.adaptive:  # statistics persist across prompts of this engine
+            self.tuner = ConfidenceTuner(self.correction.period - 1, self.sparse_cost_ratio(),
+                                         fixed=self.correction.draft_confidence)
         self.cache: KVCache | None = None
         self.rope: Rope | None = None
+
+    def sparse_cost_ratio(self) -> float:
+        """Cost of a sparse step relative to a full pass under this plan: link bytes when the
+        full pass streams weights, else the fraction of parameters a sparse step reads."""
+        moved = self.plan.bytes_per_token
+        if moved["full_pass"] > 0:
+            return moved.get("sparse_step", moved["full_pass"]) / moved["full_pass"]
+        return self.d_sparse
 
     @property
     def uses_sparsity(self) -> bool:
@@ -218,7 +232,8 @@ class Engine:
                             self.executor.expect)
             mode = self.correction.mode if self.uses_sparsity else "dense"
             if mode == "sirius":
-                tokens = decode_sirius(passes, first, max_new_tokens, sampler, stop_ids, stats, self.correction)
+                tokens = decode_sirius(passes, first, max_new_tokens, sampler, stop_ids, stats,
+                                       self.correction, self.tuner)
             else:
                 tokens = decode_stepwise(passes, first, max_new_tokens, sampler, stop_ids, stats,
                                          sparse=mode == "sparse")
@@ -249,6 +264,7 @@ class Engine:
             wasted_drafts=s.sparse_steps - s.accepted if mode == "sirius" else 0,
             effective_density=(s.sparse_steps * d_sparse + s.full_passes) / after_first if after_first else 1.0,
             select_s=self.select_s,
+            draft_confidence=self.tuner.threshold() if self.tuner and mode == "sirius" else None,
         )
 
     @property
@@ -285,15 +301,18 @@ def load(
     model: str | os.PathLike | None = None, *, dtype: str = "auto", device: str = "auto",
     ctx: int | None = None, gpu_memory: int | str | None = None, prefetch_depth: int = 2,
     link_gbps: float | None = None, schedule: str = "pipelined", sparsity: float = 0.0,
-    sparse_method: str = "griffin", mode: str | None = None, period: int = 16,
-    threshold: float = 0.1, accept: str = "threshold", progress: bool = True,
+    sparse_method: str = "griffin", mode: str | None = None, period: int | str = 16,
+    max_period: int = 16, draft_confidence: float | None = None, threshold: float = 0.1,
+    accept: str = "threshold", progress: bool = True,
 ) -> Engine:
     """Load a model (a folder, a .gguf file, a hub id, or None for the embedded default).
 
     gpu_memory (bytes or a size such as "20GiB") caps what stays on the device; layers that do
     not fit stream from host memory. ctx reserves the KV cache (default: min(4096, the model's
     maximum)). sparsity > 0 drops that fraction of MLP neurons in sparse steps; mode (default:
-    sirius when sparsity > 0, else dense) adds a full-weight correction pass every `period` tokens.
+    sirius when sparsity > 0, else dense) adds a full-weight correction pass every `period` tokens;
+    period="auto" ends each chunk when the sparse model's confidence drops below draft_confidence
+    (None: chosen automatically), at most max_period tokens.
     """
     if isinstance(gpu_memory, str):
         gpu_memory = parse_size(gpu_memory)
@@ -301,8 +320,10 @@ def load(
                             link_gbps=link_gbps, schedule=schedule)
     runtime = RuntimeConfig(dtype=dtype, device=device, ctx=ctx)
     sparse = SparsityConfig(sparsity=sparsity, method=sparse_method)
-    correction = CorrectionConfig(mode=mode or ("sirius" if sparsity > 0 else "dense"), period=period,
-                                  threshold=threshold, accept=accept)
+    adaptive = period == "auto"
+    correction = CorrectionConfig(
+        mode=mode or ("sirius" if sparsity > 0 else "dense"), period=max_period if adaptive else int(period),
+        threshold=threshold, accept=accept, adaptive=adaptive, draft_confidence=draft_confidence)
     return Engine(model, runtime=runtime, offload=offload, sparsity=sparse, correction=correction,
                   progress=progress)
 
