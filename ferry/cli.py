@@ -227,7 +227,7 @@ def run_plan(args: argparse.Namespace) -> int:
     ctx = args.ctx or min(4096, cfg.max_position_embeddings)
     plan = make_plan(cfg, dtype_bytes=dtype_bytes, budget_bytes=budget, host_available_bytes=host,
                      ctx=ctx, prefetch_depth=args.prefetch_depth, device=device, sparsity=args.sparsity,
-                     prefix_resident=args.sparse_method == "griffin")
+                     sparse_method=args.sparse_method)
     if args.json:
         print(json.dumps(plan.to_dict()))
     else:

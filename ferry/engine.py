@@ -164,7 +164,7 @@ class Engine:
             self.config, dtype_bytes=torch.finfo(self.dtype).bits // 8, budget_bytes=budget,
             host_available_bytes=host, ctx=ctx, prefetch_depth=self.offload.prefetch_depth,
             device=self.device.type, sparsity=self.sparsity.sparsity if sparse else 0.0,
-            prefix_resident=self.sparsity.method == "griffin")
+            sparse_method=self.sparsity.method)
 
     def close(self) -> None:
         """Stop the link's worker (emulated link); the engine is unusable afterwards."""
@@ -207,7 +207,7 @@ class Engine:
             scores[layer] = griffin_scores(z)
 
         t0 = time.perf_counter()
-        self.executor.expect([SPARSE if self.uses_sparsity else FULL])
+        self.executor.expect([FULL, SPARSE if self.uses_sparsity else FULL])  # this pass, then
         self.cache.reset()
         prompt = torch.tensor(ids, dtype=torch.long, device=self.device)
         logits = forward(self.config, self.weights, self.rope, self.cache, prompt, 0,

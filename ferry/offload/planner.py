@@ -92,10 +92,11 @@ class Plan:
 def make_plan(
     cfg: ModelConfig, *, dtype_bytes: int, budget_bytes: int, host_available_bytes: int,
     ctx: int, prefetch_depth: int = 2, device: str = "cpu", sparsity: float = 0.0,
-    prefix_resident: bool = True,
+    sparse_method: str = "griffin", prefix_resident: bool = True,
 ) -> Plan:
-    """prefix_resident: with Griffin sparsity, keep the selected neurons of streamed layers on the
-    device. Per byte of device memory that saves more link traffic than whole layers do (a
+    """With Griffin sparsity a sparse step reads a prefix of each layer (attention + the selected
+    neurons); CATS reads whole layers (every gate row is needed). prefix_resident: with Griffin,
+    keep the selected neurons of streamed layers on the device. Per byte of device memory that saves more link traffic than whole layers do (a
     prefix is read by every sparse step and spares the full pass its bytes too), so prefixes
     take the room first, then the leftover turns prefixes into whole resident layers."""
     if prefetch_depth < 1:
@@ -131,7 +132,8 @@ def make_plan(
                 f"slot(s) of one layer ({fmt_bytes(layer)} each) beside the {fmt_bytes(fixed)} of KV "
                 f"cache, lm_head and workspace; raise --gpu-memory or lower --prefetch-depth")
     n_prefix = 0
-    if sparsity > 0 and prefix_resident and slots and prefix < layer:
+    row_sparse = sparsity > 0 and sparse_method == "griffin"
+    if row_sparse and prefix_resident and slots and prefix < layer:
         spare = max(0, room - slots * layer)
         n_prefix = min(n_layers, spare // prefix)
         n_resident = min(n_prefix, (spare - n_prefix * prefix) // (layer - prefix)) if n_prefix == n_layers else 0
@@ -153,7 +155,7 @@ def make_plan(
             f"{fmt_bytes(host_available_bytes)} available")
     row = 0 if embed_on_device else h * b
     full_pass = (len(streamed) - n_prefix) * layer + n_prefix * (layer - prefix) + row
-    sparse_step = (len(streamed) - n_prefix) * prefix + row
+    sparse_step = (len(streamed) - n_prefix) * prefix + row if row_sparse else full_pass
     per_token = {"dense": full_pass, "full_pass": full_pass}
     if sparsity > 0:
         per_token["sparse_step"] = sparse_step
