@@ -15,7 +15,7 @@ and the acceptance rate in each confidence bin, a threshold P gives per chunk
 and the cost per committed token is (E[drafts] * c + 1) / E[committed], where c is the cost of a
 sparse step relative to a full pass for the current plan: the ratio of link bytes when the full
 pass streams weights, otherwise d_sparse (the fraction of parameters a sparse step reads). The
-tuner picks the P on a grid that minimises it, re-deciding after every chunk once it has enough
+tuner picks the P on a 0.01 grid that minimises it, re-deciding after every chunk once it has enough
 observations.
 """
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-GRID = tuple(i / 20 for i in range(20))  # candidate thresholds 0.00 .. 0.95
-BINS = 20
+GRID = tuple(i / 100 for i in range(100))  # candidate thresholds 0.00 .. 0.99
+BINS = 100
 WARMUP = 24  # observations before the tuner trusts its estimates
 START_P = 0.5
 
