@@ -36,6 +36,7 @@ def main() -> None:
         "sparse": ferry.load(**common, sparsity=args.sparsity, mode="sparse"),
         "sirius": ferry.load(**common, sparsity=args.sparsity, period=args.period),
         "sirius strict": ferry.load(**common, sparsity=args.sparsity, period=args.period, accept="strict"),
+        "sirius auto": ferry.load(**common, sparsity=args.sparsity, period="auto", max_period=args.period),
     }
     rows: dict[str, dict[str, list[float]]] = {n: {"s": [], "bytes": [], "aal": []} for n in engines}
     for run in range(args.runs):
