@@ -17,7 +17,7 @@ from ferry.errors import FerryError
 from ferry.kernels.reference import rope_tables
 from ferry.model.forward import Rope
 from ferry.offload.checkpoint import open_checkpoint
-from ferry.offload.loader import LoadReport, load_model
+from ferry.offload.loader import load_model
 from ferry.offload.planner import OffloadConfig, Plan, default_budgets, make_plan, parse_size
 from ferry.offload.sources import resolve_model
 from ferry.offload.transfer import CudaLink, EmulatedLink, InOrderLink

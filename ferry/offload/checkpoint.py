@@ -65,8 +65,6 @@ def _locate_tensors(folder: Path) -> dict[str, Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FerryError(f"{folder} holds no *.safetensors weights")
-    from safetensors import safe_open
-
     shard_of = {}
     for file in files:
         with _open(file) as f:
