@@ -94,12 +94,16 @@ def test_tuner_stops_early_when_unsure_drafts_fail():
         expected_cost(0.0, tuner.counts, tuner.kept, 15, 0.7)  # cheaper than the fixed period
 
 
-@pytest.mark.parametrize("confidence", [None, 0.3])
-def test_auto_period_strict_reproduces_dense_greedy(confidence, tiny_model_dir):
+@pytest.mark.parametrize("confidence, schedule", [(None, "pipelined"), (0.3, "pipelined"), (None, "serial")])
+def test_auto_period_strict_reproduces_dense_greedy(confidence, schedule, tiny_model_dir):
     folder = tiny_model_dir("llama3")
     dense = ferry.load(folder, dtype="fp32", ctx=64, progress=False)
+    streaming = {}
+    if schedule == "serial":  # every layer streams, fetched when needed
+        from test_model import streaming_budget
+        streaming = dict(gpu_memory=streaming_budget(dense.config, resident=0, depth=2, ctx=64), schedule="serial")
     auto = ferry.load(folder, dtype="fp32", ctx=64, progress=False, sparsity=0.5, accept="strict",
-                      period="auto", draft_confidence=confidence)
+                      period="auto", draft_confidence=confidence, **streaming)
     for prompt in PROMPTS:
         want = dense.generate(prompt, max_new_tokens=24, ignore_eos=True)
         got = auto.generate(prompt, max_new_tokens=24, ignore_eos=True)
