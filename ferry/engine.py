@@ -217,12 +217,11 @@ class Engine:
             t0 = time.perf_counter()
             orders = [griffin_order(s, self.kept).cpu() for s in scores]
             self.executor.reorder_neurons(orders, self.kept)
-            self.select_s = time.perf_counter() - t0
+            stats.select_s = time.perf_counter() - t0
         return logits
 
     def _run(self, stream, prompt, ids, max_new_tokens, sampler, stop_ids) -> Iterator[Token]:
         stats = DecodeStats()
-        self.select_s = 0.0
         detok = Detokenizer(self.tokenizer)
         new: list[int] = []
         link_before = self.link.stats()
@@ -263,7 +262,7 @@ class Engine:
             corrected_fraction=s.corrections / after_first if after_first else 0.0,
             wasted_drafts=s.sparse_steps - s.accepted if mode == "sirius" else 0,
             effective_density=(s.sparse_steps * d_sparse + s.full_passes) / after_first if after_first else 1.0,
-            select_s=self.select_s,
+            select_s=s.select_s,
             draft_confidence=self.tuner.threshold() if self.tuner and mode == "sirius" else None,
         )
 

@@ -25,6 +25,7 @@ class DecodeStats:
     """Counters of one generation. Model time excludes time the consumer holds the generator."""
 
     prefill_s: float = 0.0
+    select_s: float = 0.0  # choosing and arranging the sparse set after the prefill
     decode_s: float = 0.0
     finish_reason: str = ""  # "stop", "length" or "context"
     steps: int = 0  # forward passes after the prefill (sparse steps + full passes)
