@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import asdict
 from typing import Iterator
 
 from ferry.errors import FerryError
@@ -90,6 +91,9 @@ def add_correction_args(p: argparse.ArgumentParser) -> None:
                    help="probability a draft needs under the full model at temperature 0.6 (default 0.1)")
     p.add_argument("--accept", choices=["threshold", "strict"], default="threshold",
                    help="strict: a draft must equal the full model's argmax (output equals dense greedy)")
+    p.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
+                   help="while a full pass streams, the resident sparse model drafts the next chunk "
+                        "(kept when the pass accepts the whole chunk; default on)")
 
 
 def add_stream_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +101,13 @@ def add_stream_args(p: argparse.ArgumentParser) -> None:
                    help="CPU device only: emulate a host-to-device link of X GB/s (tests, benchmarks)")
     p.add_argument("--schedule", choices=["serial", "pipelined"], default="pipelined",
                    help="pipelined prefetch (default) or serial fetch-then-compute (the oracle)")
+    add_residency_args(p)
+
+
+def add_residency_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resident-sparse", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the selected neurons of streamed layers on the device when they fit "
+                        "(default on; off streams them every sparse step, as published offloading does)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
                           description="The memory plan from a model's config alone (no weights are read).")
     add_model_args(plan, "context to reserve the KV cache for (default: min(4096, the model's maximum))")
     add_sparsity_args(plan)
+    add_residency_args(plan)
+    plan.add_argument("--schedule", nargs="?", const="pipelined", choices=["serial", "pipelined"],
+                      help="also print one correction chunk's schedule: every fetch and compute step "
+                           "in order (default pipelined; --period sets the chunk, --speculate/--no-speculate)")
+    plan.add_argument("--period", type=_int_at_least(1), default=16, metavar="K",
+                      help="correction period: one full pass per at most K tokens (default 16)")
+    plan.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
+                      help="with --schedule: sparse steps during the full pass (when the sparse set is resident)")
     plan.add_argument("--host-memory", type=_size, metavar="SIZE",
                       help="host budget (default: this machine's available memory)")
     plan.add_argument("--json", action="store_true", help="one JSON object")
@@ -172,7 +191,8 @@ def run_generate(args: argparse.Namespace) -> None:
 
     prompts = read_prompts(args)
     offload = OffloadConfig(gpu_memory=args.gpu_memory, prefetch_depth=args.prefetch_depth,
-                            link_gbps=args.link_gbps, schedule=args.schedule)
+                            link_gbps=args.link_gbps, schedule=args.schedule,
+                            resident_sparse=args.resident_sparse)
     folder = resolve_model(args.model)
     max_positions = ModelConfig.from_hf(load_hf_config(folder)).max_position_embeddings  # validates
     tokenizer = load_tokenizer(folder)
@@ -188,7 +208,8 @@ def run_generate(args: argparse.Namespace) -> None:
     correction = CorrectionConfig(
         mode=args.mode or ("sirius" if args.sparsity > 0 else "dense"),
         period=args.max_period if adaptive else args.period, threshold=args.threshold,
-        accept=args.accept, adaptive=adaptive, draft_confidence=args.draft_confidence)
+        accept=args.accept, adaptive=adaptive, draft_confidence=args.draft_confidence,
+        speculate=args.speculate)
     engine = Engine(folder, runtime=runtime, offload=offload, sparsity=sparsity, correction=correction,
                     tokenizer=tokenizer)
     if engine.plan.streamed_layers:
@@ -227,13 +248,38 @@ def run_plan(args: argparse.Namespace) -> int:
     ctx = args.ctx or min(4096, cfg.max_position_embeddings)
     plan = make_plan(cfg, dtype_bytes=dtype_bytes, budget_bytes=budget, host_available_bytes=host,
                      ctx=ctx, prefetch_depth=args.prefetch_depth, device=device, sparsity=args.sparsity,
-                     sparse_method=args.sparse_method)
+                     sparse_method=args.sparse_method, prefix_resident=args.resident_sparse)
+    steps = _chunk_schedule(plan, args) if args.schedule else None
     if args.json:
-        print(json.dumps(plan.to_dict()))
+        out = plan.to_dict()
+        if steps is not None:
+            out["schedule"] = [asdict(step) for step in steps]
+        print(json.dumps(out))
     else:
         print(describe(plan, cfg, str(args.model or "SmolLM2-135M-Instruct (embedded)")))
+        if steps is not None:
+            from ferry.scheduler.schedule import describe_schedule
+
+            print(describe_schedule(plan, steps))
     plan.check()  # a plan that does not fit is printed, then reported as an error (exit 2)
     return 0
+
+
+def _chunk_schedule(plan, args: argparse.Namespace):
+    """The steady-state chunk under this plan: K-1 drafts (plus the speculative token and K-1
+    speculative steps when speculation applies)."""
+    from ferry.scheduler.schedule import FULL, SPARSE, chunk_schedule, fetch_span
+
+    period = getattr(args, "period", 16)
+    period = 16 if period == "auto" else period
+    if args.sparsity == 0:
+        raise FerryError("--schedule shows a correction chunk: give --sparsity > 0")
+    layers = range(plan.num_layers)
+    resident = not any(fetch_span(plan, i, SPARSE) for i in layers)
+    streams = any(fetch_span(plan, i, FULL) for i in layers)
+    speculate = args.speculate and resident and streams and args.schedule is not None and period > 1
+    drafts = period - 1 + (1 if speculate else 0)
+    return chunk_schedule(plan, drafts, period - 1 if speculate else 0, pipelined=args.schedule == "pipelined")
 
 
 def main(argv: list[str] | None = None) -> int:

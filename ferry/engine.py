@@ -22,7 +22,7 @@ from ferry.offload.planner import OffloadConfig, Plan, default_budgets, make_pla
 from ferry.offload.sources import resolve_model
 from ferry.offload.transfer import CudaLink, EmulatedLink, InOrderLink
 from ferry.model.forward import forward
-from ferry.offload.streaming import FULL, SPARSE, PassView
+from ferry.offload.streaming import FULL, SPARSE, PassView, ResidentPass
 from ferry.scheduler.adaptive import ConfidenceTuner
 from ferry.scheduler.calibrate import load_or_calibrate, thresholds_for
 from ferry.scheduler.correction import CorrectionConfig, decode_sirius
@@ -77,6 +77,8 @@ class GenerationStats:
     effective_density: float  # (sparse_steps * d_sparse + full_passes) / tokens after the first
     select_s: float  # choosing and arranging the sparse set after the prefill
     draft_confidence: float | None  # adaptive period: the confidence threshold in use at the end
+    speculative_steps: int  # sparse steps run while a full pass streamed (in sparse_steps)
+    speculative_kept: int  # full passes whose speculative continuation was kept
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ class Engine:
             self.config, dtype_bytes=torch.finfo(self.dtype).bits // 8, budget_bytes=budget,
             host_available_bytes=host, ctx=ctx, prefetch_depth=self.offload.prefetch_depth,
             device=self.device.type, sparsity=self.sparsity.sparsity if sparse else 0.0,
-            sparse_method=self.sparsity.method)
+            sparse_method=self.sparsity.method, prefix_resident=self.offload.resident_sparse)
 
     def close(self) -> None:
         """Stop the link's worker (emulated link); the engine is unusable afterwards."""
@@ -227,12 +229,16 @@ class Engine:
         link_before = self.link.stats()
         if max_new_tokens > 0:
             first = sampler(self._prefill(ids, stats))
-            passes = Passes(self.config, self.rope, self.cache, self.weights, self.sparse_weights,
-                            self.executor.expect)
+            resident = self.uses_sparsity and self.executor.moves_nothing(SPARSE)
+            sparse = replace(self.weights, layers=ResidentPass(self.executor, SPARSE)) if resident else self.sparse_weights
+            passes = Passes(self.config, self.rope, self.cache, self.weights, sparse,
+                            self.executor.expect, sparse_resident=resident)
             mode = self.correction.mode if self.uses_sparsity else "dense"
             if mode == "sirius":
+                # Speculation uses compute the full pass leaves idle while it waits on the link.
+                speculate = self.correction.speculate and resident and not self.executor.moves_nothing(FULL)
                 tokens = decode_sirius(passes, first, max_new_tokens, sampler, stop_ids, stats,
-                                       self.correction, self.tuner)
+                                       self.correction, self.tuner, speculate, self.config.num_layers)
             else:
                 tokens = decode_stepwise(passes, first, max_new_tokens, sampler, stop_ids, stats,
                                          sparse=mode == "sparse")
@@ -264,6 +270,7 @@ class Engine:
             effective_density=(s.sparse_steps * d_sparse + s.full_passes) / after_first if after_first else 1.0,
             select_s=s.select_s,
             draft_confidence=self.tuner.threshold() if self.tuner and mode == "sirius" else None,
+            speculative_steps=s.speculative_steps, speculative_kept=s.speculative_kept,
         )
 
     @property
@@ -299,10 +306,11 @@ class Engine:
 def load(
     model: str | os.PathLike | None = None, *, dtype: str = "auto", device: str = "auto",
     ctx: int | None = None, gpu_memory: int | str | None = None, prefetch_depth: int = 2,
-    link_gbps: float | None = None, schedule: str = "pipelined", sparsity: float = 0.0,
+    link_gbps: float | None = None, schedule: str = "pipelined", resident_sparse: bool = True,
+    sparsity: float = 0.0,
     sparse_method: str = "griffin", mode: str | None = None, period: int | str = 16,
     max_period: int = 16, draft_confidence: float | None = None, threshold: float = 0.1,
-    accept: str = "threshold", progress: bool = True,
+    accept: str = "threshold", speculate: bool = True, progress: bool = True,
 ) -> Engine:
     """Load a model (a folder, a .gguf file, a hub id, or None for the embedded default).
 
@@ -311,18 +319,20 @@ def load(
     maximum)). sparsity > 0 drops that fraction of MLP neurons in sparse steps; mode (default:
     sirius when sparsity > 0, else dense) adds a full-weight correction pass every `period` tokens;
     period="auto" ends each chunk when the sparse model's confidence drops below draft_confidence
-    (None: chosen automatically), at most max_period tokens.
+    (None: chosen automatically), at most max_period tokens. speculate: while a full pass streams,
+    the resident sparse model drafts the next chunk (kept when the pass accepts the whole chunk).
     """
     if isinstance(gpu_memory, str):
         gpu_memory = parse_size(gpu_memory)
     offload = OffloadConfig(gpu_memory=gpu_memory, prefetch_depth=prefetch_depth,
-                            link_gbps=link_gbps, schedule=schedule)
+                            link_gbps=link_gbps, schedule=schedule, resident_sparse=resident_sparse)
     runtime = RuntimeConfig(dtype=dtype, device=device, ctx=ctx)
     sparse = SparsityConfig(sparsity=sparsity, method=sparse_method)
     adaptive = period == "auto"
     correction = CorrectionConfig(
         mode=mode or ("sirius" if sparsity > 0 else "dense"), period=max_period if adaptive else int(period),
-        threshold=threshold, accept=accept, adaptive=adaptive, draft_confidence=draft_confidence)
+        threshold=threshold, accept=accept, adaptive=adaptive, draft_confidence=draft_confidence,
+        speculate=speculate)
     return Engine(model, runtime=runtime, offload=offload, sparsity=sparse, correction=correction,
                   progress=progress)
 

@@ -7,6 +7,8 @@ choose S and which logits to return.
 
 from __future__ import annotations
 
+from typing import Callable, Generator
+
 import torch
 import torch.nn.functional as F
 
@@ -91,6 +93,16 @@ def forward(
     Entries at and after `start` are overwritten, so a later pass can rewrite drafted positions.
     observe_mlp(layer, a, z), if given, sees every layer's MLP activations.
     """
+    return run_layers(forward_layers(cfg, weights, rope, cache, tokens, start, all_logits, observe_mlp))
+
+
+def forward_layers(
+    cfg: ModelConfig, weights: ModelWeights, rope: Rope, cache: KVCache,
+    tokens: torch.Tensor, start: int, all_logits: bool, observe_mlp=None,
+) -> Generator[int, None, torch.Tensor]:
+    """`forward` as a generator that yields each layer's index once the layer is done, so the
+    caller can run other work between layers (speculative sparse steps during a full pass);
+    the logits are the generator's return value (see `run_layers`)."""
     s = tokens.shape[0]
     if not 0 <= start <= cache.length:
         raise ValueError(f"start {start} leaves a gap after the {cache.length} cached positions")
@@ -105,10 +117,22 @@ def forward(
         observe = None if observe_mlp is None else (lambda a, z, i=index: observe_mlp(i, a, z))
         x = decoder_layer(cfg, weights.layers.acquire(index), x, cache, index, start, cos, sin, observe)
         weights.layers.release(index)
+        yield index
     cache.length = start + s
     if not all_logits:
         x = x[-1:]
     return F.linear(rms_norm(x, weights.norm, cfg.rms_norm_eps), weights.lm_head).float()
+
+
+def run_layers(steps: Generator[int, None, torch.Tensor], between: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Drive a `forward_layers` generator to its end, calling between(layer) after each layer."""
+    while True:
+        try:
+            layer = next(steps)
+        except StopIteration as done:
+            return done.value
+        if between is not None:
+            between(layer)
 
 
 def prefill(cfg, weights, rope, cache, tokens: torch.Tensor, observe_mlp=None) -> torch.Tensor:

@@ -70,6 +70,11 @@ class Plan:
     sparsity: float = 0.0
     prefix_layers: tuple[int, ...] = ()  # streamed layers whose selected neurons stay resident
     prefix_bytes: int = 0  # attention + selected neurons of one layer
+    sparse_method: str = "griffin"  # griffin reads a prefix of each layer; cats whole layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.resident_layers) + len(self.streamed_layers)
 
     @property
     def fits(self) -> bool:
@@ -166,7 +171,7 @@ def make_plan(
         workspace_bytes=workspace, lm_head_bytes=lm_head, norm_bytes=norm, embed_bytes=embed,
         embed_on_device=embed_on_device, slot_count=slots, device_bytes=device_bytes,
         host_bytes=host_bytes, bytes_per_token=per_token, problems=tuple(problems),
-        sparsity=sparsity, prefix_layers=prefix_layers, prefix_bytes=prefix,
+        sparsity=sparsity, prefix_layers=prefix_layers, prefix_bytes=prefix, sparse_method=sparse_method,
     )
 
 
@@ -213,6 +218,7 @@ class OffloadConfig:
     prefetch_depth: int = 2  # streaming slots = layers in flight ahead of compute
     link_gbps: float | None = None  # emulate a host->device link of this speed (CPU device only)
     schedule: str = "pipelined"  # or "serial": fetch each layer when needed (the oracle)
+    resident_sparse: bool = True  # keep the selected neurons of streamed layers on the device
 
     def __post_init__(self) -> None:
         if self.gpu_memory is not None and self.gpu_memory <= 0:

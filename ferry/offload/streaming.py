@@ -64,6 +64,7 @@ class LayerExecutor:
         self.pass_no, self.kind = 0, FULL
         self.predicted: dict[int, str] = {}  # expected kind of future passes, by pass number
         self.default_kind = FULL  # assumed for passes beyond the predictions
+        self.trace: list[tuple] | None = None  # when a list: every fetch and compute, in order
 
     # --- what a (layer, kind) needs -------------------------------------------------------
     def fetch_range(self, layer: int, kind: str) -> tuple[int, int] | None:
@@ -74,6 +75,10 @@ class LayerExecutor:
         if layer in self.prefix_buffers:
             return None if kind == SPARSE or self.rows == self.layout.intermediate_size else (prefix, self.layout.numel)
         return (0, prefix) if kind == SPARSE and self.thresholds is None else (0, self.layout.numel)
+
+    def moves_nothing(self, kind: str) -> bool:
+        """Whether a pass of this kind runs on device-resident weights alone."""
+        return all(self.fetch_range(layer, kind) is None for layer in self.order)
 
     def weights(self, layer: int, kind: str, slot: int | None) -> LayerWeights:
         key = (layer, kind, slot)
@@ -132,6 +137,8 @@ class LayerExecutor:
     def acquire(self, layer: int) -> LayerWeights:
         span = self.fetch_range(layer, self.kind)
         if span is None:
+            if self.trace is not None:
+                self.trace.append(("compute", self.kind, layer, None))
             return self.weights(layer, self.kind, None)
         if not self.pipelined:
             slot = self.head % self.depth
@@ -144,6 +151,8 @@ class LayerExecutor:
                 self._issue()
             slot = self.head % self.depth
         self.link.wait(self.tickets[slot])
+        if self.trace is not None:
+            self.trace.append(("compute", self.kind, layer, slot))
         return self.weights(layer, self.kind, slot)
 
     def release(self, layer: int) -> None:
@@ -186,11 +195,14 @@ class LayerExecutor:
             if self.in_flight >= len(self.queue) and not self._extend():
                 return
             item = self.queue[self.in_flight]
-            self._copy((self.head + self.in_flight) % self.depth, item.layer, self.fetch_range(item.layer, item.kind))
+            self._copy((self.head + self.in_flight) % self.depth, item.layer,
+                       self.fetch_range(item.layer, item.kind), item.kind)
             self.in_flight += 1
 
-    def _copy(self, slot: int, layer: int, span: tuple[int, int]) -> None:
+    def _copy(self, slot: int, layer: int, span: tuple[int, int], kind: str | None = None) -> None:
         lo, hi = span
+        if self.trace is not None:
+            self.trace.append(("fetch", kind or self.kind, layer, slot, lo, hi))
         self.tickets[slot] = self.link.copy(self.slots[slot][:hi - lo], self.host[layer][lo:hi],
                                             after=self.freed[slot])
 
@@ -262,3 +274,22 @@ class PassView:
 
     def upload(self, host: torch.Tensor) -> torch.Tensor:
         return self.executor.upload(host)
+
+
+class ResidentPass(PassView):
+    """A pass over weights already on the device (the resident sparse set). It takes no part in
+    the fetch queue, so it can run between the layers of a streaming full pass without
+    disturbing that pass's prefetch (speculative sparse steps)."""
+
+    def begin(self) -> None:
+        if not self.executor.moves_nothing(self.kind):
+            raise RuntimeError(f"a {self.kind} pass needs streamed weights; it cannot bypass the queue")
+
+    def acquire(self, index: int) -> LayerWeights:
+        executor = self.executor
+        if executor.trace is not None:
+            executor.trace.append(("compute", self.kind, index, None))
+        return executor.weights(index, self.kind, None)
+
+    def release(self, index: int) -> None:
+        pass

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 
 from ferry.errors import FerryError
-from ferry.offload.streaming import FULL, SPARSE
 from ferry.scheduler.adaptive import ConfidenceTuner, draft_confidence
 from ferry.scheduler.decode import DecodeStats, Passes, Sampler, _finish
+from ferry.scheduler.schedule import spread
 
 ACCEPT_TEMPERATURE = 0.6  # the full model's probabilities for acceptance are taken at this temperature
 MODES = ("dense", "sparse", "sirius")
@@ -36,6 +36,7 @@ class CorrectionConfig:
     adaptive: bool = False  # period "auto": end a chunk when the sparse model is unsure
     draft_confidence: float | None = None  # adaptive: that confidence P; None chooses it
     signal: str = "prob"  # adaptive: prob, margin or entropy (see adaptive.draft_confidence)
+    speculate: bool = True  # draft on during a streaming full pass (when the sparse set is resident)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -69,56 +70,125 @@ def accepted_prefix(full_logits: torch.Tensor, drafts: list[int], cfg: Correctio
     return int(bad[0]) if len(bad) else len(drafts)
 
 
+@dataclass
+class Chunk:
+    """A committed token at `start` and the sparse drafts that follow it, awaiting a full pass."""
+
+    start: int  # position of the committed head token
+    last: int  # the token the next sparse step extends
+    limit: int  # drafts allowed (period, max new tokens, context)
+    drafts: list[int] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    stopped: bool = False  # a stop token or an unsure draft ended drafting
+
+    def can_draft(self) -> bool:
+        return not self.stopped and len(self.drafts) < self.limit
+
+
+def draft_limit(cfg: CorrectionConfig, max_new: int, produced: int, capacity: int, start: int) -> int:
+    """Drafts a chunk headed at `start` may hold: K-1, fewer near max_new or the context end."""
+    return max(0, min(cfg.period - 1, max_new - produced, capacity - start - 1))
+
+
+class Drafter:
+    """Runs sparse steps for a chunk and records their confidences (adaptive period)."""
+
+    def __init__(self, passes: Passes, sample: Sampler, stop_ids: frozenset[int], stats: DecodeStats,
+                 cfg: CorrectionConfig, tuner: ConfidenceTuner | None):
+        self.passes, self.sample, self.stop_ids, self.stats = passes, sample, stop_ids, stats
+        self.cfg, self.tuner = cfg, tuner
+        self.unsure_below = 0.0
+
+    def step(self, chunk: Chunk) -> None:
+        logits = self.passes.sparse_step(chunk.last)
+        chunk.last = self.sample(logits)
+        chunk.drafts.append(chunk.last)
+        self.stats.steps += 1
+        self.stats.sparse_steps += 1
+        if chunk.last in self.stop_ids:  # nothing is drafted past a stop token
+            chunk.stopped = True
+        elif self.tuner:
+            chunk.confidences.append(draft_confidence(logits, chunk.last, self.cfg.signal))
+            chunk.stopped = chunk.confidences[-1] < self.unsure_below
+
+    def fill(self, chunk: Chunk) -> None:
+        while chunk.can_draft():
+            self.step(chunk)
+
+    def continuation(self, chunk: Chunk, layers: int) -> Callable[[int], None]:
+        """`between` for a full pass: after each layer, the speculative steps due there."""
+        counts = spread(chunk.limit, layers)
+
+        def between(layer: int) -> None:
+            for _ in range(counts[layer]):
+                if chunk.can_draft():
+                    self.step(chunk)
+                    self.stats.speculative_steps += 1
+        return between
+
+
 def decode_sirius(passes: Passes, first: int, max_new: int, sample: Sampler,
                   stop_ids: frozenset[int], stats: DecodeStats, cfg: CorrectionConfig,
-                  tuner: ConfidenceTuner | None = None) -> Iterator[int]:
+                  tuner: ConfidenceTuner | None = None, speculate: bool = False,
+                  layers: int = 1) -> Iterator[int]:
     """tuner (adaptive period): drafting stops after a draft whose confidence is under its
-    threshold; it learns from every checked chunk."""
-    cache = passes.cache
+    threshold; it learns from every checked chunk.
+
+    speculate (the sparse set is resident, the full pass streams): the sparse model also drafts
+    the token after the chunk (s0) before the pass, and while the pass streams its `layers`
+    layers it goes on drafting the next chunk from s0. When the pass accepts every draft and s0,
+    s0 is committed in place of the bonus token and the new drafts form the next chunk;
+    otherwise they are discarded and the cache rolled back, as without speculation.
+    """
+    cache, draft = passes.cache, Drafter(passes, sample, stop_ids, stats, cfg, tuner)
     token, produced = first, 1
     yield token
+    chunk: Chunk | None = None  # drafts a speculative continuation carried over
     while not _finish(stats, token, produced, max_new, cache, stop_ids):
         t0 = time.perf_counter()
-        start = cache.length  # `token` goes here; drafts follow
-        room = cache.capacity - start  # positions this chunk may write, token included
-        n_drafts = min(cfg.period - 1, max_new - produced, room - 1)
-        passes.expect([SPARSE] * n_drafts + [FULL] + [SPARSE])  # prefetch knows what comes
-        drafts: list[int] = []
-        confidences: list[float] = []
-        unsure_below = tuner.threshold() if tuner else 0.0
-        last = token
-        for _ in range(n_drafts):
-            logits = passes.sparse_step(last)
-            last = sample(logits)
-            drafts.append(last)
-            if last in stop_ids:  # nothing is drafted past a stop token
-                break
-            if tuner:
-                confidences.append(draft_confidence(logits, last, cfg.signal))
-                if confidences[-1] < unsure_below:
-                    break
-        chunk = torch.tensor([token, *drafts], dtype=torch.long, device=passes.step_input.device)
-        passes.expect([FULL] + [SPARSE])
-        full_logits = passes.full(chunk, start)  # [1 + drafts, V]
-        kept = accepted_prefix(full_logits, drafts, cfg)
+        draft.unsure_below = tuner.threshold() if tuner else 0.0
+        if chunk is None:
+            start = cache.length
+            chunk = Chunk(start, token, draft_limit(cfg, max_new, produced, cache.capacity, start))
+            passes.expect(["sparse"] * chunk.limit + ["full", "sparse"])  # prefetch knows what comes
+            draft.fill(chunk)
+        start, n = chunk.start, len(chunk.drafts)
+        nxt, between = None, None
+        after = draft_limit(cfg, max_new, produced + n + 1, cache.capacity, start + n + 1)
+        if speculate and n and not chunk.stopped and after and produced + n + 1 < max_new:
+            chunk.limit += 1
+            draft.step(chunk)  # s0, checked by this pass like a draft
+            nxt = Chunk(start + n + 1, chunk.last, 0 if chunk.stopped else after)
+            between = draft.continuation(nxt, layers)
+        tokens = torch.tensor([token, *chunk.drafts[:n]], dtype=torch.long, device=passes.step_input.device)
+        passes.expect(["full", "sparse"])
+        full_logits = passes.full(tokens, start, between)  # [1 + n, V]
+        kept = accepted_prefix(full_logits, chunk.drafts, cfg)
         if tuner:
-            tuner.observe(confidences, kept)
-        cache.rollback(start + 1 + kept)  # token and the kept drafts now hold full-model KV
-        next_token = sample(full_logits[kept]) if produced + kept < max_new else None
-        stats.decode_s += time.perf_counter() - t0
-        stats.steps += len(drafts) + 1
-        stats.sparse_steps += len(drafts)
+            tuner.observe(chunk.confidences, kept)
+        stats.steps += 1
         stats.full_passes += 1
-        stats.drafts += len(drafts)
+        stats.drafts += len(chunk.drafts)
         stats.accepted += kept
-        stats.corrections += kept < len(drafts)
-        for token in drafts[:kept]:
+        stats.corrections += kept < n
+        committed = chunk.drafts[:kept]
+        if nxt is not None and kept == n + 1:  # s0 accepted: the continuation stands
+            stats.speculative_kept += 1
+            cache.length = nxt.start + len(nxt.drafts)  # the continuation's KV entries
+            next_token, chunk = None, nxt
+        else:
+            kept = min(kept, n)
+            cache.rollback(start + 1 + kept)  # token and the kept drafts now hold full-model KV
+            next_token = sample(full_logits[kept]) if produced + kept < max_new else None
+            committed, chunk = chunk.drafts[:kept], None
+        stats.decode_s += time.perf_counter() - t0
+        for token in committed:
             produced += 1
             yield token
             if token in stop_ids:
                 break
         if token in stop_ids or next_token is None:
-            continue  # _finish records stop or length
+            continue  # _finish records stop or length; or the continuation goes on
         token = next_token
         produced += 1
         yield token

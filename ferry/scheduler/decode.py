@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from ferry.model.config import ModelConfig
-from ferry.model.forward import Rope, forward
+from ferry.model.forward import Rope, forward, forward_layers, run_layers
 from ferry.model.weights import ModelWeights
 from ferry.scheduler.kv_cache import KVCache
 
@@ -34,26 +34,43 @@ class DecodeStats:
     drafts: int = 0  # sparse tokens checked by a full pass
     accepted: int = 0  # of those, kept
     corrections: int = 0  # full passes that replaced a rejected draft
+    speculative_steps: int = 0  # sparse steps run during a full pass (counted in sparse_steps)
+    speculative_kept: int = 0  # full passes whose speculative continuation was kept
 
 
 class Passes:
-    """The forward passes a decode loop can run: full weights, or the sparse selection."""
+    """The forward passes a decode loop can run: full weights, or the sparse selection.
+
+    sparse_resident: the sparse weights are all on the device and bypass the fetch queue
+    (`ResidentPass`), so sparse steps may run between the layers of a full pass, and the
+    prefetch hints name full passes only.
+    """
 
     def __init__(self, cfg: ModelConfig, rope: Rope, cache: KVCache, full: ModelWeights,
-                 sparse: ModelWeights, expect: Callable[[list[str]], None] = lambda kinds: None):
+                 sparse: ModelWeights, expect: Callable[[list[str]], None] = lambda kinds: None,
+                 sparse_resident: bool = False):
         self.cfg, self.rope, self.cache = cfg, rope, cache
-        self.full_weights, self.sparse_weights, self.expect = full, sparse, expect
+        self.full_weights, self.sparse_weights, self._expect = full, sparse, expect
+        self.sparse_resident = sparse_resident
         self.step_input = torch.empty(1, dtype=torch.long, device=cache.k.device)  # reused
 
-    def full(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Full weights over tokens at start..; logits for every position [S, V]."""
-        return forward(self.cfg, self.full_weights, self.rope, self.cache, tokens, start, all_logits=True)
+    def expect(self, kinds: list[str]) -> None:
+        """Tell the prefetcher the kinds of the coming passes."""
+        self._expect([k for k in kinds if k == "full" or not self.sparse_resident])
+
+    def full(self, tokens: torch.Tensor, start: int,
+             between: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Full weights over tokens at start..; logits for every position [S, V].
+        between(layer), if given, runs after each layer (it may run resident sparse steps)."""
+        steps = forward_layers(self.cfg, self.full_weights, self.rope, self.cache, tokens, start, all_logits=True)
+        return run_layers(steps, between)
 
     def full_step(self, token: int) -> torch.Tensor:
         self.step_input.fill_(token)
         return self.full(self.step_input, self.cache.length)[-1]
 
     def sparse_step(self, token: int) -> torch.Tensor:
+        """One token appended at the end of the cache through the sparse weights; logits [V]."""
         self.step_input.fill_(token)
         return forward(self.cfg, self.sparse_weights, self.rope, self.cache, self.step_input,
                        self.cache.length, all_logits=False)[-1]
