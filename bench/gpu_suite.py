@@ -182,7 +182,6 @@ def time_transformers(folder: Path, device: str, budget: int, ids: list[int], ne
     gen(2)  # warm up
     per = [(gen(new_tokens) - gen(1)) / (new_tokens - 1) for _ in range(runs)]
     placement = sorted({str(d) for d in getattr(model, "hf_device_map", {"": device}).values()})
-    del model
     return {"s": statistics.median(per), "placement": placement}
 
 
@@ -193,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--report", type=Path, default=Path("gpu_suite.json"), help="JSON report path")
     parser.add_argument("--gpu-memory", help="device budget (default 4GiB; --tiny: 24MiB)")
     parser.add_argument("--link-gbps", type=float, default=2.0, help="--tiny: the emulated link's GB/s")
+    parser.add_argument("--preset", default="h100", choices=sorted(GPUS),
+                        help="card whose memory bandwidth the predictions use beside the measured link (default h100)")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--period", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=33, help="per generation (sirius: two periods)")
@@ -209,13 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda:
         peak, card = link_peak_gbps(), torch.cuda.get_device_name()
         read = device_read_gbps("cuda", 1 << 30)
-        gpu = Gpu(f"{card} (measured)", memory_gbps=read, link_gbps=peak)
+        gpu = Gpu(f"{args.preset} preset, measured link", memory_gbps=GPUS[args.preset].memory_gbps, link_gbps=peak)
     else:
         peak, card = args.link_gbps, f"CPU, {torch.get_num_threads()} threads, emulated link"
         read = device_read_gbps("cpu", 64 << 20)
         gpu = Gpu("cpu (measured reads, emulated link)", memory_gbps=read, link_gbps=peak)
-    log(f"{card}: link peak {peak:.1f} GB/s (pinned), device reads {read:.0f} GB/s (bf16 GEMV); "
-        f"H100 preset: link {GPUS['h100'].link_gbps:g}, memory {GPUS['h100'].memory_gbps:g} GB/s")
+    log(f"{card}: link {peak:.1f} GB/s ({'pinned peak' if cuda else 'emulated'}), device reads {read:.0f} GB/s (bf16 GEMV); "
+        f"predictions: link {gpu.link_gbps:.1f}, memory {gpu.memory_gbps:.0f} GB/s ({gpu.name})")
 
     prompt = " ".join(f"w{7 * n % SHAPES[shape]['vocab_size']:06d}" for n in range(2, 18))  # 16 tokens
     common = dict(dtype="bf16", device=device, ctx=64, gpu_memory=budget, progress=False,
@@ -259,13 +260,15 @@ def main(argv: list[str] | None = None) -> dict:
     name = "transformers + accelerate" if cuda else "transformers (CPU)"
     rows[name] = {"measured_s": base["s"], "placement": base["placement"]}
     log(f"{name}: {base['s'] * 1e3:.1f} ms/token, weights on {base['placement']}")
-    return report(args, rows, card, shape, budget, peak, read)
+    return report(args, rows, card, shape, budget, peak, read, gpu)
 
 
-def report(args, rows: dict, card: str, shape: str, budget: int, peak: float, read: float) -> dict:
+def report(args, rows: dict, card: str, shape: str, budget: int, peak: float, read: float, gpu: Gpu) -> dict:
     print(f"{card}; random Llama-3-{shape}-shaped model, bf16, budget {budget / (1 << 30):.3g} GiB, "
           f"sparsity {args.sparsity}, K={args.period}, {args.new_tokens} new tokens x {args.runs} runs (median)")
-    print(f"link peak {peak:.1f} GB/s, device reads {read:.0f} GB/s: the predictions use these")
+    link = "emulated" if "emulated" in card else "pinned peak"
+    print(f"measured: link {peak:.1f} GB/s ({link}), device reads {read:.0f} GB/s (bf16 GEMV); "
+          f"predictions use link {gpu.link_gbps:.1f}, memory {gpu.memory_gbps:.0f} GB/s ({gpu.name})")
     print(f"{'':26}{'measured ms':>12}{'predicted ms':>13}{'meas/pred':>10}{'MB/token':>10}{'pred MB':>9}"
           f"  bound   AAL")
     for name, r in rows.items():
@@ -277,7 +280,8 @@ def report(args, rows: dict, card: str, shape: str, budget: int, peak: float, re
         aal = f"{r['aal']:.2f}" if r.get("aal") else "-"
         print(f"{name:26}{''.join(cells)}  {r.get('bound', '-'):6}  {aal}")
     out = {"bench": "gpu_suite", "device": card, "shape": shape, "budget_bytes": budget,
-           "link_peak_gbps": peak, "device_read_gbps": read, "sparsity": args.sparsity, "period": args.period,
+           "link_peak_gbps": peak, "device_read_gbps": read,
+           "prediction_gpu": {"name": gpu.name, "link_gbps": gpu.link_gbps, "memory_gbps": gpu.memory_gbps}, "sparsity": args.sparsity, "period": args.period,
            "new_tokens": args.new_tokens, "runs": args.runs, "rows": rows,
            "elapsed_s": time.perf_counter() - T0}
     args.report.write_text(json.dumps(out, indent=1))

@@ -9,7 +9,7 @@ import pytest
 
 from ferry.errors import FerryError
 from ferry.model.config import ModelConfig
-from ferry.offload.costmodel import (GPUS, KEYS, Gpu, costs_for_plan, implied_aal, predict,
+from ferry.offload.costmodel import (GPUS, KEYS, Gpu, costs_for_plan, implied_aal,
                                      predict_for_plan, resolve_gpu)
 from ferry.offload.planner import GiB, make_plan
 from ferry.offload.sources import resolve_config
