@@ -185,7 +185,7 @@ def time_transformers(folder: Path, device: str, budget: int, ids: list[int], ne
     return {"s": statistics.median(per), "placement": placement}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU check: small shape, emulated link")
     parser.add_argument("--folder", type=Path, help="where the random checkpoint is written (reused)")
@@ -199,9 +199,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=33, help="per generation (sirius: two periods)")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.tiny
-    if not cuda and not args.tiny:
+    if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --tiny for the CPU check")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    cuda = not args.tiny
     device, shape = ("cuda", "8b") if cuda else ("cpu", "tiny")
     budget = parse_size(args.gpu_memory or ("4GiB" if cuda else "24MiB"))
     folder = write_random_llama(args.folder or Path(f"/tmp/ferry-random-{shape}"), shape, device)
