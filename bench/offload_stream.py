@@ -58,7 +58,7 @@ def main() -> None:
             times[name].append(seconds)
             last[name] = stats
     plan = engines["pipelined"].plan
-    bytes_per_token = plan.bytes_per_token["dense"]
+    bytes_per_token = plan.link_bytes["full_pass"]
     floor = bytes_per_token / (args.link_gbps * 1e9)
     compute = statistics.median(times["resident"])
     med = {name: statistics.median(v) for name, v in times.items()}

@@ -110,6 +110,23 @@ def add_residency_args(p: argparse.ArgumentParser) -> None:
                         "(default on; off streams them every sparse step, as published offloading does)")
 
 
+def add_cost_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu", metavar="NAME", help="card for the predictions: rtx3090, rtx4090 (default), "
+                   "rtx5090, a100-40g, a100-80g, l40, h100; naming one also plans for its memory")
+    p.add_argument("--gpu-mem-gbps", type=_float_in(0, math.inf, low_open=True), metavar="X",
+                   help="device memory bandwidth in GB/s (default: the card's)")
+    p.add_argument("--link-gbps", type=_float_in(0, math.inf, low_open=True), metavar="X",
+                   help="host-to-device GB/s (default: the card's PCIe generation, 25 for 4.0, 50 for 5.0)")
+    p.add_argument("--period", type=_int_at_least(1), default=16, metavar="K",
+                   help="one full-weight correction pass per K tokens (default 16)")
+    p.add_argument("--aal", type=_float_in(0, math.inf, low_open=True), metavar="A",
+                   help="tokens committed per full pass, at most K (default: K, every draft kept)")
+    p.add_argument("--schedule", nargs="?", const="pipelined", choices=["pipelined", "serial"],
+                   help="ferry's schedule for the predictions (default pipelined); given, also print one "
+                        "correction chunk's steps: every fetch and compute in order (--period sets the "
+                        "chunk, --speculate/--no-speculate)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description="Run large language models on one GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,11 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(plan, "context to reserve the KV cache for (default: min(4096, the model's maximum))")
     add_sparsity_args(plan)
     add_residency_args(plan)
-    plan.add_argument("--schedule", nargs="?", const="pipelined", choices=["serial", "pipelined"],
-                      help="also print one correction chunk's schedule: every fetch and compute step "
-                           "in order (default pipelined; --period sets the chunk, --speculate/--no-speculate)")
-    plan.add_argument("--period", type=_int_at_least(1), default=16, metavar="K",
-                      help="correction period: one full pass per at most K tokens (default 16)")
+    add_cost_args(plan)
     plan.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
                       help="with --schedule: sparse steps during the full pass (when the sparse set is resident)")
     plan.add_argument("--host-memory", type=_size, metavar="SIZE",
@@ -214,7 +227,7 @@ def run_generate(args: argparse.Namespace) -> None:
                     tokenizer=tokenizer)
     if engine.plan.streamed_layers:
         print(f"ferry: {len(engine.plan.streamed_layers)} of {engine.config.num_layers} layers stream "
-              f"from host memory, {fmt_bytes(engine.plan.bytes_per_token['dense'])} per token",
+              f"from host memory, {fmt_bytes(engine.plan.link_bytes['full_pass'])} per token",
               file=sys.stderr)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, chat=args.chat, ignore_eos=args.ignore_eos)
@@ -234,14 +247,19 @@ def run_plan(args: argparse.Namespace) -> int:
     import torch
 
     from ferry.model.config import ModelConfig
-    from ferry.offload.planner import OffloadConfig, default_budgets, describe, make_plan
+    from ferry.offload import costmodel
+    from ferry.offload.planner import DEVICE_MARGIN, OffloadConfig, default_budgets, describe, make_plan
     from ferry.offload.sources import resolve_config
 
+    gpu = costmodel.resolve_gpu(args.gpu or "rtx4090", memory_bytes=args.gpu_memory,
+                                memory_gbps=args.gpu_mem_gbps, link_gbps=args.link_gbps)
     cfg = ModelConfig.from_hf(resolve_config(args.model))
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and args.gpu_memory is None and not torch.cuda.is_available():
-        raise FerryError("no CUDA device here: give --gpu-memory to plan for a GPU")
-    offload = OffloadConfig(gpu_memory=args.gpu_memory, host_memory=args.host_memory,
+    device = args.device if args.device != "auto" else (
+        "cuda" if args.gpu or torch.cuda.is_available() else "cpu")
+    budget = args.gpu_memory or (gpu.memory_bytes - DEVICE_MARGIN if args.gpu else None)
+    if device == "cuda" and budget is None and not torch.cuda.is_available():
+        raise FerryError("no CUDA device here: give --gpu NAME or --gpu-memory to plan for a GPU")
+    offload = OffloadConfig(gpu_memory=budget, host_memory=args.host_memory,
                             prefetch_depth=args.prefetch_depth)
     budget, host = default_budgets(device, offload)
     dtype_bytes = 4 if args.dtype == "fp32" else 2
@@ -249,14 +267,17 @@ def run_plan(args: argparse.Namespace) -> int:
     plan = make_plan(cfg, dtype_bytes=dtype_bytes, budget_bytes=budget, host_available_bytes=host,
                      ctx=ctx, prefetch_depth=args.prefetch_depth, device=device, sparsity=args.sparsity,
                      sparse_method=args.sparse_method, prefix_resident=args.resident_sparse)
+    cost = dict(gpu=gpu, period=args.period, aal=args.aal, schedule=args.schedule or "pipelined")
+    preds = costmodel.predict_for_plan(plan, **cost)
     steps = _chunk_schedule(plan, args) if args.schedule else None
     if args.json:
-        out = plan.to_dict()
+        out = {**plan.to_dict(), **costmodel.predictions_json(preds, **cost)}
         if steps is not None:
-            out["schedule"] = [asdict(step) for step in steps]
+            out["steps"] = [asdict(step) for step in steps]
         print(json.dumps(out))
     else:
         print(describe(plan, cfg, str(args.model or "SmolLM2-135M-Instruct (embedded)")))
+        print(costmodel.describe_predictions(preds, **cost))
         if steps is not None:
             from ferry.scheduler.schedule import describe_schedule
 
@@ -270,8 +291,7 @@ def _chunk_schedule(plan, args: argparse.Namespace):
     speculative steps when speculation applies)."""
     from ferry.scheduler.schedule import FULL, SPARSE, chunk_schedule, fetch_span
 
-    period = getattr(args, "period", 16)
-    period = 16 if period == "auto" else period
+    period = args.period
     if args.sparsity == 0:
         raise FerryError("--schedule shows a correction chunk: give --sparsity > 0")
     layers = range(plan.num_layers)

@@ -149,9 +149,9 @@ class Engine:
     def sparse_cost_ratio(self) -> float:
         """Cost of a sparse step relative to a full pass under this plan: link bytes when the
         full pass streams weights, else the fraction of parameters a sparse step reads."""
-        moved = self.plan.bytes_per_token
+        moved = self.plan.link_bytes
         if moved["full_pass"] > 0:
-            return moved.get("sparse_step", moved["full_pass"]) / moved["full_pass"]
+            return moved["sparse_step"] / moved["full_pass"]
         return self.d_sparse
 
     @property

@@ -143,3 +143,53 @@ def test_python_dash_m_reads_stdin(tiny_model_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["prompt"] == "The capital"
+
+
+LLAMA_70B = str(__import__("pathlib").Path(__file__).parent / "data" / "llama-3.1-70b-config.json")
+KEYS = {"dense", "sparse", "sirius_published", "ferry"}
+
+
+def plan_json(capsys, *flags: str) -> dict:
+    code, out, _ = run(capsys, "plan", "-m", LLAMA_70B, "--host-memory", "256GiB", "--json", *flags)
+    assert code == 0
+    return json.loads(out)
+
+
+def test_plan_gpu_json_predictions(capsys):
+    out = plan_json(capsys, "--gpu", "rtx4090", "--sparsity", "0.5")
+    assert set(out["s_per_token"]) == set(out["bytes_per_token"]) == set(out["bound"]) == KEYS
+    assert out["device"] == "cuda" and out["budget_bytes"] == 23 * (1 << 30)  # 24 GiB card less 1 GiB
+    assert out["gpu"] == {"name": "rtx4090", "memory_gbps": 1008, "link_gbps": 25.0, "memory_bytes": 24 << 30}
+    assert out["link_bytes"]["full_pass"] == out["bytes_per_token"]["dense"] > 100 << 30
+    assert out["period"] == 16 and out["aal"] == 16.0 and out["schedule"] == "pipelined"
+    s = out["s_per_token"]
+    assert s["ferry"] < s["sirius_published"] < s["dense"] and set(out["bound"].values()) == {"link"}
+
+
+def test_plan_gpu_overrides(capsys):
+    base = plan_json(capsys, "--gpu", "h100", "--sparsity", "0.5")
+    out = plan_json(capsys, "--gpu", "h100", "--sparsity", "0.5", "--gpu-memory", "40GiB", "--link-gbps", "10",
+                    "--gpu-mem-gbps", "2000", "--period", "8", "--aal", "6", "--schedule", "serial")
+    assert out["gpu"] == {"name": "h100", "memory_gbps": 2000, "link_gbps": 10, "memory_bytes": 40 << 30}
+    assert out["budget_bytes"] == 40 << 30 and base["budget_bytes"] == 79 << 30
+    assert (out["period"], out["aal"], out["schedule"]) == (8, 6.0, "serial")
+    assert out["s_per_token"]["dense"] > 4 * base["s_per_token"]["dense"]  # 10 GB/s instead of 50
+    assert out["bytes_per_token"]["ferry"] == pytest.approx(
+        (7 * out["link_bytes"]["sparse_step"] + out["link_bytes"]["full_pass"]) / 6)
+
+
+def test_plan_prints_predictions(capsys):
+    code, out, _ = run(capsys, "plan", "-m", LLAMA_70B, "--host-memory", "256GiB", "--gpu", "rtx4090",
+                       "--sparsity", "0.5")
+    assert code == 0
+    for label in ("predicted    rtx4090", "dense streaming", "sparse only", "Sirius as published", "ferry (Sirius)"):
+        assert label in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpu", "gtx480"], "unknown GPU 'gtx480'; presets: rtx3090"),
+    (["--period", "8", "--aal", "9"], "AAL"),
+])
+def test_plan_bad_cost_flags_exit_2(capsys, flags, message):
+    expect_error(capsys, ["plan", "-m", LLAMA_70B, "--host-memory", "256GiB", "--gpu-memory", "24GiB", *flags],
+                 message)

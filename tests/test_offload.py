@@ -132,7 +132,7 @@ def test_plan_llama3_70b_at_24gib():
     assert len(plan.resident_layers) + len(plan.streamed_layers) == 80
     assert 5 <= len(plan.resident_layers) <= 12
     assert plan.device_bytes <= 24 * GiB
-    assert plan.bytes_per_token["dense"] == len(plan.streamed_layers) * layer + 8192 * 2
+    assert plan.link_bytes["full_pass"] == len(plan.streamed_layers) * layer + 8192 * 2
     assert not plan.embed_on_device  # untied: the embedding rows cost less on the link than a layer
 
 
@@ -149,7 +149,7 @@ def test_plan_refuses_with_numbers():
 
 def test_plan_everything_resident_when_it_fits():
     _, plan = plan_70b(budget=200 * GiB)
-    assert plan.streamed_layers == () and plan.slot_count == 0 and plan.bytes_per_token["dense"] == 0
+    assert plan.streamed_layers == () and plan.slot_count == 0 and plan.link_bytes["full_pass"] == 0
 
 
 @pytest.mark.parametrize("text, expected", [("20GiB", 20 * GiB), ("512MB", 512_000_000), ("1.5g", 1_500_000_000), ("4096", 4096)])

@@ -15,7 +15,7 @@ from ferry.offload.planner import make_plan
 from ferry.offload.sources import resolve_config
 from ferry.scheduler.correction import CorrectionConfig, decode_sirius
 from ferry.scheduler.decode import DecodeStats
-from ferry.scheduler.schedule import FULL, SPARSE, chunk_schedule, fetch_span, spread
+from ferry.scheduler.schedule import FULL, SPARSE, chunk_schedule, spread
 from test_correction import EOS, PROMPTS, MockPasses, truth
 
 LLAMA_70B = Path(__file__).parent / "data" / "llama-3.1-70b-config.json"
@@ -98,7 +98,7 @@ def test_plan_prints_the_schedule(capsys):
     import json
 
     out = json.loads(capsys.readouterr().out)
-    schedule = out["schedule"]
+    schedule = out["steps"]
     assert code == 0 and not any(s["speculative"] for s in schedule)
     assert sum(s["track"] == "copy" for s in schedule) == len(out["streamed_layers"]) > 0
 
@@ -136,7 +136,6 @@ def run_chunk(engine, passes, drafts: int, speculative: int) -> None:
 
 @pytest.mark.parametrize("case", ["prefixes", "prefixes-speculative", "streamed", "streamed-serial"])
 def test_executor_trace_matches_the_schedule(case, tiny_model_dir):
-    from ferry.model.forward import prefill
     from ferry.offload.streaming import ResidentPass
     from ferry.scheduler.decode import Passes
     from dataclasses import replace

@@ -1,16 +1,28 @@
 """Predicted seconds per token from a plan's byte counts and a GPU's bandwidths.
 
-A token costs at least its link bytes / link bandwidth and its device reads / memory bandwidth;
-pipelined schedules pay the larger, the published serial loop pays both plus a device-wide
-synchronize twice per layer. Sirius amortises one full pass and K-1 sparse steps over AAL tokens.
+A pass costs its link bytes / link bandwidth and its device reads / memory bandwidth. The
+pipelined schedule pays the larger of the two per pass, the serial one their sum, and the
+published Sirius loop also a device-wide synchronize twice per layer. Correction amortises K-1
+sparse steps and one full pass (over K tokens, one read of the weights) over AAL committed tokens:
+
+    s/token = ((K - 1) * t_sparse_step + t_full_pass) / AAL
+
+Every byte count comes from the Plan (layer and prefix sizes, what streams, lm_head), so plans
+for other dtypes or quantized layers get predictions unchanged. Left out: KV-cache reads (about
+1% of a 70B token at 4K context), kernel launches and host-side time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-PCIE_GBPS = {4: 25.0, 5: 50.0}  # achievable host->device GB/s of an x16 slot, by generation
+from ferry.errors import FerryError
+from ferry.offload.planner import GiB, Plan, fmt_bytes
+
+PCIE_GBPS = {3: 12.5, 4: 25.0, 5: 50.0}  # achievable host->device GB/s of an x16 slot, by generation
 SYNC_S = 1e-3  # one device-wide synchronize in the published serial loop
+SCHEDULES = ("pipelined", "serial", "published")
+KEYS = ("dense", "sparse", "sirius_published", "ferry")
 
 
 @dataclass(frozen=True)
@@ -36,35 +48,135 @@ GPUS = {
 
 
 @dataclass(frozen=True)
+class Gpu:
+    """The card a prediction assumes: a preset with any field overridden, or measured figures."""
+
+    name: str
+    memory_gbps: float  # device memory bandwidth
+    link_gbps: float  # host->device
+    memory_bytes: int = 0  # 0: unknown (predictions do not need it)
+
+    def __post_init__(self) -> None:
+        if not (self.memory_gbps > 0 and self.link_gbps > 0 and self.memory_bytes >= 0):
+            raise FerryError(f"GPU bandwidths must be positive: {self}")
+
+
+def resolve_gpu(name: str = "rtx4090", *, memory_bytes: int | None = None, memory_gbps: float | None = None,
+                link_gbps: float | None = None) -> Gpu:
+    """A preset by name; any field given replaces the preset's (the link default follows its PCIe generation)."""
+    preset = GPUS.get(name)
+    if preset is None:
+        raise FerryError(f"unknown GPU {name!r}; presets: {', '.join(GPUS)} (override fields with "
+                         f"--gpu-memory, --gpu-mem-gbps, --link-gbps)")
+    return Gpu(name, memory_gbps or preset.memory_gbps, link_gbps or preset.link_gbps,
+               memory_bytes or int(preset.memory_gib * GiB))
+
+
+@dataclass(frozen=True)
 class Costs:
     """Bytes of one model under a plan: what moves and what is read, per kind of pass."""
 
     layers: int
     layer_bytes: int  # one whole layer
-    prefix_bytes: int  # attention + selected neurons of one layer
-    head_bytes: int  # lm_head (+ final norm), read every pass
-    full_pass_link: int  # bytes a full pass moves under ferry's plan
-    sparse_step_link: int  # bytes a sparse step moves under ferry's plan
+    prefix_bytes: int  # attention + selected neurons of one layer (= layer_bytes when dense)
+    head_bytes: int  # lm_head + final norm, read every pass
+    full_pass_link: int  # bytes a full pass moves under the plan
+    sparse_step_link: int  # bytes a sparse step moves under the plan
 
 
-def _time(link_bytes: float, read_bytes: float, link_gbps: float, mem_gbps: float, serial: bool,
-          layers: int) -> float:
-    link, read = link_bytes / (link_gbps * 1e9), read_bytes / (mem_gbps * 1e9)
-    return link + read + 2 * layers * SYNC_S if serial else max(link, read)
+def costs_for_plan(plan: Plan) -> Costs:
+    """The byte counts the predictions need, all read from the plan (dtype and quantization included)."""
+    return Costs(
+        layers=len(plan.resident_layers) + len(plan.streamed_layers), layer_bytes=plan.layer_bytes,
+        prefix_bytes=plan.prefix_bytes, head_bytes=(plan.lm_head_bytes or plan.embed_bytes) + plan.norm_bytes,
+        full_pass_link=plan.link_bytes["full_pass"], sparse_step_link=plan.link_bytes["sparse_step"])
 
 
-def predict(c: Costs, link_gbps: float, mem_gbps: float, period: int, aal: float) -> dict[str, float]:
-    """s/token for dense streaming, sparse only, Sirius as published, and ferry's schedule."""
-    full_read = c.layers * c.layer_bytes + c.head_bytes
-    sparse_read = c.layers * c.prefix_bytes + c.head_bytes
-    published_full = _time(c.layers * c.layer_bytes, full_read, link_gbps, mem_gbps, True, c.layers)
-    published_sparse = _time(c.layers * c.prefix_bytes, sparse_read, link_gbps, mem_gbps, True, c.layers)
-    ferry_full = _time(c.full_pass_link, full_read, link_gbps, mem_gbps, False, c.layers)
-    ferry_sparse = _time(c.sparse_step_link, sparse_read, link_gbps, mem_gbps, False, c.layers)
+@dataclass(frozen=True)
+class Estimate:
+    s_per_token: float
+    bytes_per_token: float  # host->device bytes per committed token
+    bound: str  # "link" or "memory": whichever of the two takes longer over a cycle
+
+
+@dataclass(frozen=True)
+class _Pass:
+    link: float  # bytes moved host -> device
+    read: float  # bytes read from device memory
+    syncs: int  # device-wide synchronizes
+
+
+def _cycle(passes: list[tuple[int, _Pass]], tokens: float, gpu: Gpu, schedule: str) -> Estimate:
+    """Time of `count` runs of each pass, spread over the `tokens` they commit."""
+    link_s = read_s = total = moved = 0.0
+    for count, p in passes:
+        link, read = p.link / (gpu.link_gbps * 1e9), p.read / (gpu.memory_gbps * 1e9)
+        total += count * (max(link, read) if schedule == "pipelined" else link + read + p.syncs * SYNC_S)
+        link_s, read_s, moved = link_s + count * link, read_s + count * read, moved + count * p.link
+    return Estimate(total / tokens, moved / tokens, "link" if link_s >= read_s else "memory")
+
+
+def predict(c: Costs, gpu: Gpu, period: int = 16, aal: float | None = None,
+            schedule: str = "pipelined") -> dict[str, Estimate]:
+    """dense and sparse decoding and Sirius ("ferry") under the plan's residency and `schedule`;
+    Sirius as published: serial with device-wide synchronizes, every layer streaming (its sparse
+    steps the selected prefix, its full passes whole layers). aal defaults to the period (every
+    draft kept)."""
+    aal = float(period) if aal is None else aal
+    if period < 1 or not 0 < aal <= period:
+        raise FerryError(f"need period >= 1 and 0 < AAL <= period, got period {period}, AAL {aal}")
+    if schedule not in SCHEDULES:
+        raise FerryError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    n, syncs = c.layers, 2 * c.layers if schedule == "published" else 0
+    full_read, sparse_read = n * c.layer_bytes + c.head_bytes, n * c.prefix_bytes + c.head_bytes
+    full, sparse = _Pass(c.full_pass_link, full_read, syncs), _Pass(c.sparse_step_link, sparse_read, syncs)
+    dense = _cycle([(1, full)], 1, gpu, schedule)
+    published = [(period - 1, _Pass(n * c.prefix_bytes, sparse_read, 2 * n)),
+                 (1, _Pass(n * c.layer_bytes, full_read, 2 * n))]
     return {
-        "dense": published_full,
-        "sparse": published_sparse,
-        "sirius_published": ((period - 1) * published_sparse + published_full) / aal,
-        "ferry": ((period - 1) * ferry_sparse + ferry_full) / aal,
-        "ferry_dense": ferry_full,
+        "dense": dense,
+        "sparse": _cycle([(1, sparse)], 1, gpu, schedule),
+        "sirius_published": _cycle(published, aal, gpu, "published"),
+        # Without sparsity ferry decodes densely (there is nothing to correct).
+        "ferry": _cycle([(period - 1, sparse), (1, full)], aal, gpu, schedule)
+        if c.prefix_bytes < c.layer_bytes else dense,
     }
+
+
+def predict_for_plan(plan: Plan, gpu: Gpu, *, period: int = 16, aal: float | None = None,
+                     schedule: str = "pipelined") -> dict[str, Estimate]:
+    """The predictions for a plan as `make_plan` (or a loaded engine's `.plan`) gives it: what
+    `ferry plan` prints, and what measurements are set beside."""
+    return predict(costs_for_plan(plan), gpu, period, aal, schedule)
+
+
+def implied_aal(dense_s: float, sparse_s: float, sirius_s: float, period: int) -> float:
+    """The AAL that makes ((K-1) * sparse + dense) / AAL equal a measured Sirius s/token."""
+    return ((period - 1) * sparse_s + dense_s) / sirius_s
+
+
+def predictions_json(preds: dict[str, Estimate], gpu: Gpu, period: int, aal: float | None,
+                     schedule: str) -> dict:
+    return {
+        "gpu": asdict(gpu), "period": period, "aal": float(period) if aal is None else aal, "schedule": schedule,
+        "s_per_token": {k: e.s_per_token for k, e in preds.items()},
+        "bytes_per_token": {k: e.bytes_per_token for k, e in preds.items()},
+        "bound": {k: e.bound for k, e in preds.items()},
+    }
+
+
+_LABELS = {"dense": "dense streaming", "sparse": "sparse only", "sirius_published": "Sirius as published",
+           "ferry": "ferry (Sirius)"}
+
+
+def describe_predictions(preds: dict[str, Estimate], gpu: Gpu, period: int, aal: float | None,
+                         schedule: str) -> str:
+    """The predictions as a short table, for under the plan's description."""
+    aal = float(period) if aal is None else aal
+    rows = [f"predicted    {gpu.name}: link {gpu.link_gbps:g} GB/s, memory {gpu.memory_gbps:g} GB/s; "
+            f"K={period}, AAL {aal:g}; {schedule} (Sirius as published: serial)",
+            f"  {'':20} {'s/token':>8} {'tokens/s':>9} {'bytes/token':>12}  bound"]
+    for key, e in preds.items():
+        rows.append(f"  {_LABELS.get(key, key):20} {e.s_per_token:8.3f} {1 / e.s_per_token:9.2f} "
+                    f"{fmt_bytes(e.bytes_per_token):>12}  {e.bound}")
+    return "\n".join(rows)

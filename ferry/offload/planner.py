@@ -65,7 +65,7 @@ class Plan:
     slot_count: int
     device_bytes: int  # everything the plan places on the device
     host_bytes: int  # the host store: streamed layers (+ embeddings when kept there)
-    bytes_per_token: dict[str, int] = field(default_factory=dict)
+    link_bytes: dict[str, int] = field(default_factory=dict)  # per pass: full_pass, sparse_step
     problems: tuple[str, ...] = ()
     sparsity: float = 0.0
     prefix_layers: tuple[int, ...] = ()  # streamed layers whose selected neurons stay resident
@@ -161,17 +161,15 @@ def make_plan(
     row = 0 if embed_on_device else h * b
     full_pass = (len(streamed) - n_prefix) * layer + n_prefix * (layer - prefix) + row
     sparse_step = (len(streamed) - n_prefix) * prefix + row if row_sparse else full_pass
-    per_token = {"dense": full_pass, "full_pass": full_pass}
-    if sparsity > 0:
-        per_token["sparse_step"] = sparse_step
     return Plan(
         device=device, dtype_bytes=b, ctx=ctx, prefetch_depth=prefetch_depth, budget_bytes=budget_bytes,
         host_available_bytes=host_available_bytes, layer_bytes=layer,
         resident_layers=tuple(range(n_resident)), streamed_layers=streamed, kv_cache_bytes=kv,
         workspace_bytes=workspace, lm_head_bytes=lm_head, norm_bytes=norm, embed_bytes=embed,
         embed_on_device=embed_on_device, slot_count=slots, device_bytes=device_bytes,
-        host_bytes=host_bytes, bytes_per_token=per_token, problems=tuple(problems),
-        sparsity=sparsity, prefix_layers=prefix_layers, prefix_bytes=prefix, sparse_method=sparse_method,
+        host_bytes=host_bytes, link_bytes={"full_pass": full_pass, "sparse_step": sparse_step},
+        problems=tuple(problems), sparsity=sparsity, prefix_layers=prefix_layers, prefix_bytes=prefix,
+        sparse_method=sparse_method,
     )
 
 
@@ -197,9 +195,8 @@ def describe(plan: Plan, cfg: ModelConfig, name: str) -> str:
           if plan.prefix_layers else []),
         f"  total      {fmt_bytes(plan.device_bytes)}",
         f"streamed     {len(plan.streamed_layers)} layers from host memory ({fmt_bytes(plan.host_bytes)} host store)",
-        f"per token    {fmt_bytes(plan.bytes_per_token['dense'])} cross the link (dense / full pass)",
-        *([f"sparse step  {fmt_bytes(plan.bytes_per_token['sparse_step'])} cross the link"]
-          if "sparse_step" in plan.bytes_per_token else []),
+        f"full pass    {fmt_bytes(plan.link_bytes['full_pass'])} cross the link (a dense token)",
+        *([f"sparse step  {fmt_bytes(plan.link_bytes['sparse_step'])} cross the link"] if plan.sparsity > 0 else []),
     ]
     if plan.problems:
         rows.append("DOES NOT FIT: " + "; ".join(plan.problems))

@@ -1,0 +1,33 @@
+"""The GPU suite's CPU path (`--tiny`): it runs end to end, and the bytes ferry moved per token
+agree with the cost model's prediction for the same plan."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SUITE = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.py"
+
+
+@pytest.mark.slow
+def test_tiny_suite_report(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    report = tmp_path / "report.json"
+    out = suite.main(["--tiny", "--folder", str(tmp_path / "model"), "--report", str(report),
+                      "--runs", "1", "--new-tokens", "9", "--period", "4"])
+    assert json.loads(report.read_text())["rows"] == out["rows"]
+    rows = out["rows"]
+    assert set(rows) == {"dense streaming", "sparse only", "sirius pipelined", "sirius serial",
+                         "sirius as published", "transformers (CPU)"}
+    for name in ("dense streaming", "sparse only", "sirius pipelined", "sirius serial"):
+        r = rows[name]
+        assert r["measured_s"] > 0 and r["predicted_s"] > 0 and r["bound"] == "link"
+        assert r["measured_bytes"] == pytest.approx(r["predicted_bytes"], rel=0.15), name
+    assert rows["sparse only"]["predicted_bytes"] < 0.7 * rows["dense streaming"]["predicted_bytes"]
+    assert 1 <= rows["sirius pipelined"]["aal"] <= 4
+    assert rows["sirius serial"]["predicted_s"] >= rows["sirius pipelined"]["predicted_s"]
