@@ -167,9 +167,9 @@ class LayerExecutor:
             self._issue()
 
     def upload(self, host: torch.Tensor) -> torch.Tensor:
-        """Small host tensors (embedding rows): copied now, counted, and waited for."""
+        """Small host tensors (embedding rows): copied now, beside the prefetch queue, and counted."""
         out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-        self.link.wait(self.link.copy(out, host))
+        self.link.copy_now(out, host)
         return out
 
     # --- the queue ----------------------------------------------------------------------------

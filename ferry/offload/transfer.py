@@ -83,6 +83,9 @@ class InOrderLink:
         self._stats.stall_s += elapsed  # the compute thread did the copy itself
         return None
 
+    def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.copy(dst, src)
+
     def wait(self, ticket) -> None:
         pass
 
@@ -120,6 +123,14 @@ class EmulatedLink:
         # second OpenMP team whose spinning threads slow the compute thread down for good.
         self._jobs.put((_bytes_of(dst), _bytes_of(src), done))
         return done
+
+    def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """A small copy done by the compute thread at once, not queued behind the prefetches
+        (an embedding row for a step that runs while a pass streams)."""
+        dst.copy_(src)
+        with self._lock:
+            self._stats.bytes += src.numel() * src.element_size()
+            self._stats.copies += 1
 
     def wait(self, ticket: threading.Event | None) -> None:
         if ticket is None or ticket.is_set():
@@ -195,6 +206,13 @@ class CudaLink:
         if len(self._copy_events) > 1024:
             self._fold(finished_only=True)
         return end
+
+    def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """A small copy on the compute stream, not queued behind the prefetches on the copy
+        stream (an embedding row for a step that runs while a pass streams)."""
+        dst.copy_(src)
+        self._stats.bytes += src.numel() * src.element_size()
+        self._stats.copies += 1
 
     def wait(self, ticket: torch.cuda.Event | None) -> None:
         if ticket is None:
