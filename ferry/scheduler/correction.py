@@ -155,7 +155,7 @@ def decode_sirius(passes: Passes, first: int, max_new: int, sample: Sampler,
         start, n = chunk.start, len(chunk.drafts)
         nxt, between = None, None
         after = draft_limit(cfg, max_new, produced + n + 1, cache.capacity, start + n + 1)
-        if speculate and n and not chunk.stopped and after and produced + n + 1 < max_new:
+        if speculate and n and not chunk.stopped and after:  # after > 0: s0 is not the last token
             chunk.limit += 1
             draft.step(chunk)  # s0, checked by this pass like a draft
             nxt = Chunk(start + n + 1, chunk.last, 0 if chunk.stopped else after)
