@@ -108,7 +108,9 @@ def forward(
     cache.length = start + s
     if not all_logits:
         x = x[-1:]
-    return F.linear(rms_norm(x, weights.norm, cfg.rms_norm_eps), weights.lm_head).float()
+    logits = F.linear(rms_norm(x, weights.norm, cfg.rms_norm_eps), weights.lm_head).float()
+    weights.layers.end()
+    return logits
 
 
 def prefill(cfg, weights, rope, cache, tokens: torch.Tensor, observe_mlp=None) -> torch.Tensor:

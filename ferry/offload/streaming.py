@@ -192,7 +192,7 @@ class LayerExecutor:
     def _copy(self, slot: int, layer: int, span: tuple[int, int]) -> None:
         lo, hi = span
         self.tickets[slot] = self.link.copy(self.slots[slot][:hi - lo], self.host[layer][lo:hi],
-                                            after=self.freed[slot])
+                                            after=self.freed[slot], tag=layer)
 
     def _drop_from(self, pass_no: int) -> None:
         """Forget queued items of pass_no and later; issued ones are wasted (their slots reused)."""
@@ -259,6 +259,9 @@ class PassView:
 
     def release(self, index: int) -> None:
         self.executor.release(index)
+
+    def end(self) -> None:
+        """The pass's last work is queued (a hook for ferry.profiler's timed view)."""
 
     def upload(self, host: torch.Tensor) -> torch.Tensor:
         return self.executor.upload(host)
