@@ -284,7 +284,7 @@ def bandwidths(engine, stats, gpu: str | None) -> tuple[float | None, str, float
         link, link_src = None, "nothing crossed the link"
     if gpu is None and engine.device.type == "cuda":
         name = torch.cuda.get_device_name(engine.device).lower().replace(" ", "")
-        gpu = next((key for key in GPUS if key.split("-")[0] in name), None)
+        gpu = next((key for key in GPUS if all(part in name for part in key.split("-"))), None)
     if gpu is not None:
         return link, link_src, GPUS[gpu].memory_gbps, f"preset {gpu}"
     return link, link_src, copy_gbps(engine.device), f"measured {engine.device.type} copy"
