@@ -45,7 +45,7 @@ def _ms(seconds: float | None) -> str:
 
 def format_report(r: dict) -> str:
     lines = [
-        f"ferry profile: {r['device']} {r['dtype']}, {r['mode']}, {r['schedule']}, link {r['link_kind']}; "
+        f"ferry profile: {Path(r['model']).name} on {r['device']}, {r['dtype']}, {r['mode']}, {r['schedule']}, link {r['link_kind']}; "
         f"{r['streamed_layers']} of {r['layers']} layers stream",
         f"prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new ({r['finish_reason']}) in "
         f"{r['total_s']:.3f} s",
@@ -113,8 +113,9 @@ def _summary_lines(r: dict) -> list[str]:
                f"RSS peak {fmt_bytes(mem['rss_peak_bytes'])} (sampled per pass), process max {rss_max}")
     if pred is not None:
         link_speed = "-" if pred["link_gbps"] is None else f"{pred['link_gbps']:.2f} GB/s"
-        out.append(f"predicted {_ms(pred['s_per_token'])} ms/token vs measured {_ms(pred['measured_s_per_token'])} ms "
-                   f"(x{pred['ratio']:.2f}); link {link_speed} ({pred['link_source']}), memory "
+        ratio = "-" if pred["ratio"] is None else f"{pred['ratio']:.2f}"
+        out.append(f"predicted {_ms(pred['s_per_token'])} ms/token, measured {_ms(pred['measured_s_per_token'])} "
+                   f"(measured/predicted {ratio}); link {link_speed} ({pred['link_source']}), memory "
                    f"{pred['mem_gbps']:.1f} GB/s ({pred['mem_source']})")
     return out
 
