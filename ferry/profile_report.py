@@ -45,8 +45,8 @@ def _ms(seconds: float | None) -> str:
 
 def format_report(r: dict) -> str:
     lines = [
-        f"ferry profile: {Path(r['model']).name} on {r['device']}, {r['dtype']}, {r['mode']}, {r['schedule']}, link {r['link_kind']}; "
-        f"{r['streamed_layers']} of {r['layers']} layers stream",
+        f"ferry profile: {Path(r['model']).name} on {r['device']}, {r['dtype']}, {r['mode']}, "
+        f"{r['schedule']}, link {r['link_kind']}; {r['streamed_layers']} of {r['layers']} layers stream",
         f"prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new ({r['finish_reason']}) in "
         f"{r['total_s']:.3f} s",
         "",
