@@ -35,9 +35,17 @@ def overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return min(a[1], b[1]) - max(a[0], b[0]) > 0
 
 
-def test_report_agrees_with_the_generation(tiny_model_dir):
+@pytest.fixture(scope="module")
+def sirius_run(tiny_model_dir):
+    """Sirius, period 4, every layer streaming over a 2 GB/s emulated link, 12 tokens."""
     engine = streaming_engine(tiny_model_dir(), sparsity=0.5, period=4, link_gbps=2.0)
     run, r = profiled(engine, n=12)
+    engine.close()
+    return engine, run, r
+
+
+def test_report_agrees_with_the_generation(sirius_run):
+    engine, run, r = sirius_run
     stats = run.generation.stats
     assert r["new_tokens"] == stats.new_tokens == len(run.token_s) == 12
     assert r["phases"]["prefill"]["count"] == 1
@@ -61,12 +69,10 @@ def test_report_agrees_with_the_generation(tiny_model_dir):
     assert r["memory"]["device_plan_bytes"] == engine.plan.device_bytes
     assert r["memory"]["rss_peak_bytes"] > 0
     json.dumps(r)  # one JSON object
-    engine.close()
 
 
-def test_prediction_uses_the_runs_counts(tiny_model_dir):
-    engine = streaming_engine(tiny_model_dir(), sparsity=0.5, period=4, link_gbps=2.0)
-    run, r = profiled(engine, n=12)
+def test_prediction_uses_the_runs_counts(sirius_run):
+    engine, run, r = sirius_run
     p, stats = r["predicted"], run.generation.stats
     assert p["link_gbps"] == 2.0 and p["link_source"].startswith("emulated")
     assert p["mem_gbps"] > 0
@@ -76,7 +82,6 @@ def test_prediction_uses_the_runs_counts(tiny_model_dir):
     assert p["ratio"] == pytest.approx(p["measured_s_per_token"] / p["s_per_token"])
     # A full pass moves every layer over the 2 GB/s link: it cannot be predicted faster than that.
     assert p["full_pass_s"] >= engine.plan.bytes_per_token["full_pass"] / 2e9
-    engine.close()
 
 
 def test_in_order_trace_counts_every_byte(tiny_model_dir):
