@@ -1,4 +1,4 @@
-"""Command line: `ferry generate` (and `python -m ferry generate`).
+"""Command line: `ferry generate`, `ferry profile`, `ferry plan` (and `python -m ferry ...`).
 
 Mistakes a user can fix end with one line on stderr and exit code 2, never a traceback.
 """
@@ -127,6 +127,38 @@ def add_cost_args(p: argparse.ArgumentParser) -> None:
                         "chunk, --speculate/--no-speculate)")
 
 
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("-n", "--max-new-tokens", type=_int_at_least(0), default=max_new_tokens)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the chat template (default: on when the tokenizer has one)")
+    p.add_argument("--temperature", type=_float_in(0, math.inf), default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=_float_in(0, 1, low_open=True), default=1.0)
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+
+def add_profile_parser(sub) -> None:
+    from ferry.offload.costmodel import GPUS
+
+    prof = sub.add_parser("profile", help="generate once and show where the time goes",
+                          description="Run one generation and report time per phase and per layer, "
+                                      "the link, token latencies and memory.")
+    add_model_args(prof, "KV cache length in tokens (default: prompt + max new tokens)")
+    add_stream_args(prof)
+    add_sparsity_args(prof)
+    add_correction_args(prof)
+    prof.add_argument("-p", "--prompt", help="the prompt (default: read from stdin)")
+    add_sampling_args(prof, 64)
+    prof.add_argument("--warmup", type=_int_at_least(0), default=0, metavar="N",
+                      help="unprofiled generations of the same prompt first (default 0)")
+    prof.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (JSON) of the run")
+    prof.add_argument("--gpu", choices=sorted(GPUS),
+                      help="GPU preset for the prediction's memory bandwidth (default: recognised from "
+                           "the device name, else measured)")
+    prof.add_argument("--json", action="store_true", help="one JSON object")
+    prof.set_defaults(prompt_file=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description="Run large language models on one GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,14 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = gen.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="the prompt (default: read from stdin)")
     src.add_argument("--prompt-file", help="one prompt a line, or JSON lines with a \"prompt\" field")
-    gen.add_argument("-n", "--max-new-tokens", type=_int_at_least(0), default=256)
-    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                     help="wrap the prompt in the chat template (default: on when the tokenizer has one)")
-    gen.add_argument("--temperature", type=_float_in(0, math.inf), default=0.0, help="0 is greedy")
-    gen.add_argument("--top-p", type=_float_in(0, 1, low_open=True), default=1.0)
-    gen.add_argument("--seed", type=int, help="random seed for sampling")
-    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    add_sampling_args(gen, 256)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt instead of streamed text")
+    add_profile_parser(sub)
     plan = sub.add_parser("plan", help="show what stays on the device and what streams",
                           description="The memory plan from a model's config alone (no weights are read).")
     add_model_args(plan, "context to reserve the KV cache for (default: min(4096, the model's maximum))")
@@ -193,6 +220,37 @@ def _parse_prompt_lines(lines, name: str) -> Iterator[str]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    prompts = read_prompts(args)
+    engine = make_engine(args, prompts)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, chat=args.chat, ignore_eos=args.ignore_eos)
+    for prompt in prompts:
+        if args.json:
+            result = engine.generate(prompt, **options).to_dict()
+            print(json.dumps(result, ensure_ascii=False), flush=True)
+            continue
+        for token in engine.stream(prompt, **options):
+            sys.stdout.write(token.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def run_profile(args: argparse.Namespace) -> None:
+    from ferry.profile_report import check_trace_path, profile_command
+
+    check_trace_path(args.trace)
+    import torch
+
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    if args.gpu is not None and on_cpu:
+        raise FerryError("--gpu names the GPU whose memory bandwidth the prediction uses; this run is on the CPU")
+    prompts = read_prompts(args)
+    profile_command(make_engine(args, prompts), prompts[0], args)
+
+
+def make_engine(args: argparse.Namespace, prompts: list[str]):
+    """The engine the generate/profile flags describe (ctx sized to these prompts)."""
     from ferry.engine import Engine, RuntimeConfig, load_tokenizer
     from ferry.offload.planner import OffloadConfig, fmt_bytes
     from ferry.offload.sources import resolve_model
@@ -202,7 +260,6 @@ def run_generate(args: argparse.Namespace) -> None:
     from ferry.sparse.config import SparsityConfig
     from ferry.text import encode_prompt
 
-    prompts = read_prompts(args)
     offload = OffloadConfig(gpu_memory=args.gpu_memory, prefetch_depth=args.prefetch_depth,
                             link_gbps=args.link_gbps, schedule=args.schedule,
                             resident_sparse=args.resident_sparse)
@@ -229,18 +286,7 @@ def run_generate(args: argparse.Namespace) -> None:
         print(f"ferry: {len(engine.plan.streamed_layers)} of {engine.config.num_layers} layers stream "
               f"from host memory, {fmt_bytes(engine.plan.link_bytes['full_pass'])} per token",
               file=sys.stderr)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, seed=args.seed, chat=args.chat, ignore_eos=args.ignore_eos)
-    for prompt in prompts:
-        if args.json:
-            result = engine.generate(prompt, **options).to_dict()
-            print(json.dumps(result, ensure_ascii=False), flush=True)
-            continue
-        for token in engine.stream(prompt, **options):
-            sys.stdout.write(token.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+    return engine
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -310,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
+        elif args.command == "profile":
+            run_profile(args)
         elif args.command == "plan":
             run_plan(args)
     except FerryError as err:

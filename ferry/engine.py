@@ -22,7 +22,7 @@ from ferry.offload.planner import OffloadConfig, Plan, default_budgets, make_pla
 from ferry.offload.sources import resolve_model
 from ferry.offload.transfer import CudaLink, EmulatedLink, InOrderLink
 from ferry.model.forward import forward
-from ferry.offload.streaming import FULL, SPARSE, PassView, ResidentPass
+from ferry.offload.streaming import FULL, SPARSE, PassView
 from ferry.scheduler.adaptive import ConfidenceTuner
 from ferry.scheduler.calibrate import load_or_calibrate, thresholds_for
 from ferry.scheduler.correction import CorrectionConfig, decode_sirius
@@ -145,6 +145,7 @@ class Engine:
                                          fixed=self.correction.draft_confidence)
         self.cache: KVCache | None = None
         self.rope: Rope | None = None
+        self.profiler = None  # set by ferry.profiler around a profiled generation
 
     def sparse_cost_ratio(self) -> float:
         """Cost of a sparse step relative to a full pass under this plan: link bytes when the
@@ -199,7 +200,7 @@ class Engine:
         stream._tokens = self._run(stream, prompt, ids, max_new_tokens, sampler, stop_ids)
         return stream
 
-    def _prefill(self, ids: list[int], stats: DecodeStats) -> torch.Tensor:
+    def _prefill(self, ids: list[int], stats: DecodeStats, weights) -> torch.Tensor:
         """Full-weight prefill; with Griffin, the prompt's activations choose each layer's
         neurons, which are then moved to the front of the layer's MLP."""
         griffin = self.uses_sparsity and self.sparsity.method == "griffin"
@@ -212,7 +213,7 @@ class Engine:
         self.executor.expect([FULL, SPARSE if self.uses_sparsity else FULL])  # this pass, then
         self.cache.reset()
         prompt = torch.tensor(ids, dtype=torch.long, device=self.device)
-        logits = forward(self.config, self.weights, self.rope, self.cache, prompt, 0,
+        logits = forward(self.config, weights, self.rope, self.cache, prompt, 0,
                          all_logits=False, observe_mlp=observe if griffin else None)[-1]
         stats.prefill_s = time.perf_counter() - t0
         if griffin:
@@ -228,10 +229,12 @@ class Engine:
         new: list[int] = []
         link_before = self.link.stats()
         if max_new_tokens > 0:
-            first = sampler(self._prefill(ids, stats))
+            full, sparse = self._views()
+            first = sampler(self._prefill(ids, stats, full))
             resident = self.uses_sparsity and self.executor.moves_nothing(SPARSE)
-            sparse = replace(self.weights, layers=ResidentPass(self.executor, SPARSE)) if resident else self.sparse_weights
-            passes = Passes(self.config, self.rope, self.cache, self.weights, sparse,
+            if resident:  # sparse steps bypass the fetch queue (and may run inside a full pass)
+                sparse = replace(sparse, layers=sparse.layers.as_resident())
+            passes = Passes(self.config, self.rope, self.cache, full, sparse,
                             self.executor.expect, sparse_resident=resident)
             mode = self.correction.mode if self.uses_sparsity else "dense"
             if mode == "sirius":
@@ -252,6 +255,12 @@ class Engine:
             yield Token(-1, tail)
         link = self.link.stats().minus(link_before)
         stream.result = Generation(prompt, detok.text, new, self._stats(len(ids), new, stats, link))
+
+    def _views(self):
+        """Full and sparse weights for a generation: timed views while a profiler is attached."""
+        if self.profiler is None:
+            return self.weights, self.sparse_weights
+        return self.profiler.views(self.weights, self.sparse_weights)
 
     def _stats(self, prompt_len: int, new: list[int], s: DecodeStats, link) -> GenerationStats:
         mode = self.correction.mode if self.uses_sparsity else "dense"

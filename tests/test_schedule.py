@@ -136,7 +136,6 @@ def run_chunk(engine, passes, drafts: int, speculative: int) -> None:
 
 @pytest.mark.parametrize("case", ["prefixes", "prefixes-speculative", "streamed", "streamed-serial"])
 def test_executor_trace_matches_the_schedule(case, tiny_model_dir):
-    from ferry.offload.streaming import ResidentPass
     from ferry.scheduler.decode import Passes
     from dataclasses import replace
 
@@ -152,10 +151,10 @@ def test_executor_trace_matches_the_schedule(case, tiny_model_dir):
                         schedule="serial" if case.endswith("serial") else "pipelined", link_gbps=50.0)
     engine._prepare_context(8, 40)
     ex = engine.executor
-    engine._prefill(list(range(3, 11)), DecodeStats())
+    engine._prefill(list(range(3, 11)), DecodeStats(), engine.weights)
     resident = ex.moves_nothing(SPARSE)
     assert resident == case.startswith("prefixes")
-    sparse = replace(engine.weights, layers=ResidentPass(ex, SPARSE)) if resident else engine.sparse_weights
+    sparse = replace(engine.weights, layers=engine.sparse_weights.layers.as_resident()) if resident else engine.sparse_weights
     passes = Passes(cfg, engine.rope, engine.cache, engine.weights, sparse, ex.expect, sparse_resident=resident)
     drafts, spec = 3, (3 if case.endswith("speculative") else 0)
     run_chunk(engine, passes, drafts, spec)  # reach the steady state
@@ -259,3 +258,24 @@ def test_pipelined_equals_serial_with_and_without_speculation(family, accept, ti
         assert results[speculate, "pipelined"] == results[speculate, "serial"]
     if accept == "strict":
         assert results[True, "pipelined"] == results[False, "pipelined"] == dense
+
+
+def test_profile_reports_speculative_steps_as_their_own_phase(tiny_model_dir):
+    from ferry.profiler import predict_run, profile_generation, summarize
+
+    folder = tiny_model_dir("llama-tied")
+    budget = all_prefix_budget(ferry.load(folder, dtype="fp32", ctx=64, progress=False).config, 64)
+    engine = ferry.load(folder, dtype="fp32", ctx=64, progress=False, sparsity=SPARSITY, period=4,
+                        gpu_memory=budget, link_gbps=50.0)
+    run = profile_generation(engine, PROMPTS[0], max_new_tokens=16, ignore_eos=True)
+    report = summarize(engine, run, predict_run(engine, run))
+    engine.close()
+    stats = run.generation.stats
+    phases = report["phases"]
+    assert phases["speculative_step"]["count"] == stats.speculative_steps > 0
+    assert phases["sparse_step"]["count"] + phases["speculative_step"]["count"] == stats.sparse_steps
+    # Speculative steps run inside full passes but are not counted twice.
+    in_passes = sum(p["total_s"] for p in phases.values())
+    assert in_passes <= report["total_s"]
+    full = [p for p in run.passes if p["phase"] == "full_pass"]
+    assert sum(p["speculative_s"] for p in full) == pytest.approx(phases["speculative_step"]["total_s"])

@@ -121,7 +121,9 @@ def forward_layers(
     cache.length = start + s
     if not all_logits:
         x = x[-1:]
-    return F.linear(rms_norm(x, weights.norm, cfg.rms_norm_eps), weights.lm_head).float()
+    logits = F.linear(rms_norm(x, weights.norm, cfg.rms_norm_eps), weights.lm_head).float()
+    weights.layers.end()
+    return logits
 
 
 def run_layers(steps: Generator[int, None, torch.Tensor], between: Callable[[int], None] | None = None) -> torch.Tensor:

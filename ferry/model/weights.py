@@ -95,6 +95,10 @@ class LayerSource(Protocol):
 
     def release(self, index: int) -> None: ...
 
+    def end(self) -> None:
+        """Called once the pass's logits are computed."""
+        ...
+
     def upload(self, host: torch.Tensor) -> torch.Tensor:
         """Copy a small host tensor to the compute device (counted like every other copy)."""
         ...

@@ -21,6 +21,7 @@ waits for it: the correctness oracle.
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -204,7 +205,7 @@ class LayerExecutor:
         if self.trace is not None:
             self.trace.append(("fetch", kind or self.kind, layer, slot, lo, hi))
         self.tickets[slot] = self.link.copy(self.slots[slot][:hi - lo], self.host[layer][lo:hi],
-                                            after=self.freed[slot])
+                                            after=self.freed[slot], tag=layer)
 
     def _drop_from(self, pass_no: int) -> None:
         """Forget queued items of pass_no and later; issued ones are wasted (their slots reused)."""
@@ -258,38 +259,40 @@ class LayerExecutor:
 
 
 class PassView:
-    """The executor seen by one forward pass of a given kind (what `forward` calls)."""
+    """The executor seen by one forward pass of a given kind (what `forward` calls).
 
-    def __init__(self, executor: LayerExecutor, kind: str):
-        self.executor, self.kind = executor, kind
+    A resident view runs on weights already on the device (the resident sparse set) and takes
+    no part in the fetch queue, so it can run between the layers of a streaming full pass
+    without disturbing that pass's prefetch (speculative sparse steps).
+    """
+
+    def __init__(self, executor: LayerExecutor, kind: str, resident: bool = False):
+        self.executor, self.kind, self.resident = executor, kind, resident
+
+    def as_resident(self) -> "PassView":
+        if not self.executor.moves_nothing(self.kind):
+            raise RuntimeError(f"a {self.kind} pass needs streamed weights; it cannot bypass the queue")
+        view = copy.copy(self)
+        view.resident = True
+        return view
 
     def begin(self) -> None:
-        self.executor.begin_pass(self.kind)
+        if not self.resident:
+            self.executor.begin_pass(self.kind)
 
     def acquire(self, index: int) -> LayerWeights:
-        return self.executor.acquire(index)
+        if not self.resident:
+            return self.executor.acquire(index)
+        if self.executor.trace is not None:
+            self.executor.trace.append(("compute", self.kind, index, None))
+        return self.executor.weights(index, self.kind, None)
 
     def release(self, index: int) -> None:
-        self.executor.release(index)
+        if not self.resident:
+            self.executor.release(index)
+
+    def end(self) -> None:
+        """The pass's last work is queued (a hook for ferry.profiler's timed view)."""
 
     def upload(self, host: torch.Tensor) -> torch.Tensor:
         return self.executor.upload(host)
-
-
-class ResidentPass(PassView):
-    """A pass over weights already on the device (the resident sparse set). It takes no part in
-    the fetch queue, so it can run between the layers of a streaming full pass without
-    disturbing that pass's prefetch (speculative sparse steps)."""
-
-    def begin(self) -> None:
-        if not self.executor.moves_nothing(self.kind):
-            raise RuntimeError(f"a {self.kind} pass needs streamed weights; it cannot bypass the queue")
-
-    def acquire(self, index: int) -> LayerWeights:
-        executor = self.executor
-        if executor.trace is not None:
-            executor.trace.append(("compute", self.kind, index, None))
-        return executor.weights(index, self.kind, None)
-
-    def release(self, index: int) -> None:
-        pass

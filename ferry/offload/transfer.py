@@ -9,6 +9,10 @@ time the link was busy, and how long compute stalled waiting, so overlap can be 
 - `InOrderLink`: CPU device; the copy happens when issued (nothing to overlap).
 - `EmulatedLink`: CPU device; a background thread performs copies throttled to a set GB/s, so
   overlap can be measured and tested without a GPU.
+
+For profiling, every link can also record each copy's (tag, bytes, start, end) once
+`start_trace` is called (nothing is recorded otherwise), and the clocks below time the compute
+side on the same timeline: perf_counter on the CPU, CUDA events on the compute stream on a GPU.
 """
 
 from __future__ import annotations
@@ -67,20 +71,42 @@ class LinkStats:
                          self.busy_s - earlier.busy_s, self.stall_s - earlier.stall_s)
 
 
-class InOrderLink:
+class _Traced:
+    """The optional copy trace every link keeps: (tag, bytes, start mark, end mark) per copy.
+    Marks are perf_counter floats (CPU links) or CUDA events (CudaLink); a clock reads both."""
+
+    _spans: list | None = None
+    _lock: threading.Lock
+
+    def start_trace(self) -> None:
+        with self._lock:
+            self._spans = []
+
+    def stop_trace(self) -> list[tuple]:
+        """The copies recorded since start_trace (in issue order); recording stops."""
+        with self._lock:
+            spans, self._spans = self._spans or [], None
+        return spans
+
+
+class InOrderLink(_Traced):
     """CPU fallback: each copy runs when issued, in order; compute never waits afterwards."""
 
     def __init__(self) -> None:
         self._stats = LinkStats()
+        self._lock = threading.Lock()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> None:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None, tag=None) -> None:
         t0 = time.perf_counter()
         dst.copy_(src)
-        elapsed = time.perf_counter() - t0
-        self._stats.bytes += src.numel() * src.element_size()
+        t1 = time.perf_counter()
+        nbytes = src.numel() * src.element_size()
+        self._stats.bytes += nbytes
         self._stats.copies += 1
-        self._stats.busy_s += elapsed
-        self._stats.stall_s += elapsed  # the compute thread did the copy itself
+        self._stats.busy_s += t1 - t0
+        self._stats.stall_s += t1 - t0  # the compute thread did the copy itself
+        if self._spans is not None:
+            self._spans.append((tag, nbytes, t0, t1))
         return None
 
     def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -102,7 +128,7 @@ class InOrderLink:
         pass
 
 
-class EmulatedLink:
+class EmulatedLink(_Traced):
     """CPU stand-in for PCIe: a worker thread copies in order at `gbps` GB/s at most."""
 
     CHUNK = 1 << 22  # bytes per throttled piece
@@ -117,11 +143,11 @@ class EmulatedLink:
         self._worker = threading.Thread(target=self._run, name="ferry-emulated-link", daemon=True)
         self._worker.start()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> threading.Event:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None, tag=None) -> threading.Event:
         done = threading.Event()
         # The worker copies raw bytes with numpy: a torch op from a second thread would start a
         # second OpenMP team whose spinning threads slow the compute thread down for good.
-        self._jobs.put((_bytes_of(dst), _bytes_of(src), done))
+        self._jobs.put((_bytes_of(dst), _bytes_of(src), done, tag))
         return done
 
     def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -152,7 +178,7 @@ class EmulatedLink:
             job = self._jobs.get()
             if job is None:
                 return
-            dst, src, done = job
+            dst, src, done, tag = job
             t0 = time.perf_counter()
             for lo in range(0, src.size, self.CHUNK):
                 hi = min(lo + self.CHUNK, src.size)
@@ -161,10 +187,13 @@ class EmulatedLink:
                 delay = t0 + hi / self.rate - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
+            t1 = time.perf_counter()
             with self._lock:
                 self._stats.bytes += src.size
                 self._stats.copies += 1
-                self._stats.busy_s += time.perf_counter() - t0
+                self._stats.busy_s += t1 - t0
+                if self._spans is not None:
+                    self._spans.append((tag, src.size, t0, t1))
             done.set()
 
     def stats(self) -> LinkStats:
@@ -176,7 +205,7 @@ class EmulatedLink:
         self._worker.join(timeout=5)
 
 
-class CudaLink:
+class CudaLink(_Traced):
     """A dedicated copy stream. Copies wait for the compute event guarding their slot; compute
     waits for the copy's event. Timing uses events, read only when stats are asked for."""
 
@@ -186,13 +215,14 @@ class CudaLink:
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
         self._stats = LinkStats()
+        self._lock = threading.Lock()
         self._copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def _event(self) -> torch.cuda.Event:
         return torch.cuda.Event(enable_timing=True)
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None = None):
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None = None, tag=None):
         start, end = self._event(), self._event()
         with torch.cuda.stream(self.stream):
             if after is not None:
@@ -200,9 +230,12 @@ class CudaLink:
             start.record(self.stream)
             dst.copy_(src, non_blocking=True)
             end.record(self.stream)
-        self._stats.bytes += src.numel() * src.element_size()
+        nbytes = src.numel() * src.element_size()
+        self._stats.bytes += nbytes
         self._stats.copies += 1
         self._copy_events.append((start, end))
+        if self._spans is not None:
+            self._spans.append((tag, nbytes, start, end))
         if len(self._copy_events) > 1024:
             self._fold(finished_only=True)
         return end
@@ -255,3 +288,55 @@ class CudaLink:
 
     def close(self) -> None:
         pass
+
+
+class HostClock:
+    """Compute-side timestamps on the CPU device: perf_counter, the clock the CPU links use."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def seconds(self, mark: float) -> float:
+        """A mark (this clock's or a CPU link's) as seconds since the clock started."""
+        return mark - self.t0
+
+
+class CudaClock:
+    """Compute-side timestamps on a GPU: timing events recorded on the compute stream, read only
+    in `seconds` (after the run), so marking never blocks the host. CudaLink's copy events are
+    on the same device timeline."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = self.mark()
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def seconds(self, mark: torch.cuda.Event) -> float:
+        mark.synchronize()  # this event only; a no-op once the run is over
+        return self.base.elapsed_time(mark) / 1e3
+
+
+def make_clock(device: torch.device) -> HostClock | CudaClock:
+    return CudaClock(device) if device.type == "cuda" else HostClock()
+
+
+def copy_gbps(device: torch.device, nbytes: int = 64 << 20, repeats: int = 3) -> float:
+    """Device memory bandwidth estimate: the best of a few buffer-to-buffer copies, bytes read
+    plus bytes written per second (a benchmark: it waits for its own copies)."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.zeros_like(src)  # both touched once so page faults stay out of the timing
+    clock = make_clock(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = clock.mark()
+        dst.copy_(src)
+        t1 = clock.mark()
+        best = min(best, clock.seconds(t1) - clock.seconds(t0))
+    return 2 * nbytes / best / 1e9 if best > 0 else float("inf")
