@@ -14,7 +14,7 @@ takes `--ratio` times as long. Then, in one run, interleaved, on the same prompt
 Reports s/token (median over runs) for the tokens after the first, the link floor beside each
 (bytes the run moved per token / link bandwidth), AAL and MB/token; prints a table, one JSON line.
 
-    python bench/correction_schedule.py [--ratio 100] [--period 8] [--runs 3] [--new-tokens 24]
+    python bench/correction_schedule.py [--ratio 100] [--period 8] [--runs 3] [--new-tokens 24] [--threads N]
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ def main() -> None:
     parser.add_argument("--period", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     probe = ferry.load(device="cpu", ctx=256, progress=False, sparsity=args.sparsity, mode="sparse")
     step_s = sparse_step_seconds(probe)
     stream_budget, prefix_budget = budgets(probe, args.sparsity)
