@@ -96,8 +96,10 @@ def test_int8_codes_are_twos_complement():
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_dequantize_backends_equal_the_reference_on_strided_records(bits, dtype):
+@pytest.mark.parametrize("parallel", [False, True])
+def test_dequantize_backends_equal_the_reference_on_strided_records(bits, dtype, parallel, monkeypatch):
     """Records interleave codes and scales, so the backends see strided views, as in the executor."""
+    monkeypatch.setattr(kq, "PARALLEL_MIN_VALUES", 0 if parallel else 1 << 40)
     cfg_h, group, n = 192, 64, 40
     hb = cfg_h * bits // 8
     rec = 3 * (hb + 2 * cfg_h // group)
@@ -266,8 +268,8 @@ def budget(folder, quant: QuantConfig, resident: int, depth: int = 2, prefixes: 
     return fixed + (resident + depth) * p.layer_bytes + prefixes * p.prefix_bytes
 
 
-@pytest.mark.parametrize("method, group", [("int8", 128), ("int4", 128), ("int4", 32)])
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+@pytest.mark.parametrize("family, method, group", [("llama3", "int8", 128), ("llama3", "int4", 128),
+                                                   ("qwen2", "int4", 32)])
 def test_quantized_model_computes_with_its_dequantized_weights(method, group, family, tiny_model_dir, tmp_path):
     folder = tiny_model_dir(family)
     quant = QuantConfig(method, group_size=group)
@@ -296,17 +298,18 @@ def test_quantized_model_computes_with_its_dequantized_weights(method, group, fa
         engine.close()
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("options", [
-    dict(family="llama3", sparsity=0.5, period=4),
-    dict(family="qwen2", sparsity=0.7, period=16),
-    dict(family="llama3", sparsity=0.5, sparse_method="cats"),
-    dict(family="qwen2", sparsity=0.5, stream="slots"),
-    dict(family="llama3", sparsity=0.5, stream="prefixes", link_gbps=50.0),
-    dict(family="llama3", sparsity=0.5, sparse_method="cats", stream="slots"),
+    dict(method="int8", family="llama3", sparsity=0.5, period=4),
+    dict(method="int4", family="qwen2", sparsity=0.7, period=16),
+    dict(method="int4", family="llama3", sparsity=0.5, sparse_method="cats"),
+    dict(method="int8", family="qwen2", sparsity=0.5, stream="slots"),
+    dict(method="int4", family="llama3", sparsity=0.5, stream="prefixes", link_gbps=50.0),
+    dict(method="int8", family="llama3", sparsity=0.5, stream="prefixes", schedule="serial"),
+    dict(method="int4", family="llama3", sparsity=0.5, sparse_method="cats", stream="slots"),
 ])
-def test_strict_sirius_on_quantized_weights_equals_quantized_dense_greedy(method, options, tiny_model_dir):
+def test_strict_sirius_on_quantized_weights_equals_quantized_dense_greedy(options, tiny_model_dir):
     options = dict(options)
+    method = options.pop("method")
     folder = tiny_model_dir(options.pop("family"))
     stream = options.pop("stream", None)
     common = dict(dtype="fp32", ctx=64, progress=False, quant=method)

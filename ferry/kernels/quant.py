@@ -104,26 +104,53 @@ def _row(codes, scales, bits: int, group: int, tmp) -> None:
                 tmp[2 * j + 1] = np.float32((b >> 4) - 8) * s
 
 
+@numba.njit(inline="always")
+def _bf16_item(codes, scales, bits, group, out, i):
+    """Item i of [N, M] rows: fp32 products rounded to bf16 bits (nearest even, like torch's cast)."""
+    n, r = i // out.shape[1], i % out.shape[1]
+    tmp = np.empty(out.shape[2], np.float32)
+    _row(codes[n, r], scales[n, r], bits, group, tmp)
+    u = tmp.view(np.uint32)
+    for c in range(out.shape[2]):
+        b = u[c]
+        out[n, r, c] = np.uint16((b + np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))) >> 16)
+
+
+@numba.njit(inline="always")
+def _f32_item(codes, scales, bits, group, out, i):
+    n, r = i // out.shape[1], i % out.shape[1]
+    _row(codes[n, r], scales[n, r], bits, group, out[n, r])
+
+
+# codes [N, M, Cb] u8, scales [N, M, G] u16 (fp16 bits), out [N, M, C] (u16 bf16 bits or f32).
+# Small tensors run on one thread: waking the pool costs more than the work.
 @numba.njit(parallel=True, cache=True)
-def _dequant_bf16(codes, scales, bits, group, out):
-    """codes [N, M, Cb] u8, scales [N, M, G] u16 (fp16 bits), out [N, M, C] u16 (bf16 bits,
-    rounded to nearest even like torch's cast)."""
-    m = out.shape[1]
-    for i in numba.prange(out.shape[0] * m):
-        n, r = i // m, i % m
-        tmp = np.empty(out.shape[2], np.float32)
-        _row(codes[n, r], scales[n, r], bits, group, tmp)
-        u = tmp.view(np.uint32)
-        for c in range(out.shape[2]):
-            b = u[c]
-            out[n, r, c] = np.uint16((b + np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))) >> 16)
+def _bf16_parallel(codes, scales, bits, group, out):
+    for i in numba.prange(out.shape[0] * out.shape[1]):
+        _bf16_item(codes, scales, bits, group, out, i)
+
+
+@numba.njit(cache=True)
+def _bf16_serial(codes, scales, bits, group, out):
+    for i in range(out.shape[0] * out.shape[1]):
+        _bf16_item(codes, scales, bits, group, out, i)
 
 
 @numba.njit(parallel=True, cache=True)
-def _dequant_f32(codes, scales, bits, group, out):
-    m = out.shape[1]
-    for i in numba.prange(out.shape[0] * m):
-        _row(codes[i // m, i % m], scales[i // m, i % m], bits, group, out[i // m, i % m])
+def _f32_parallel(codes, scales, bits, group, out):
+    for i in numba.prange(out.shape[0] * out.shape[1]):
+        _f32_item(codes, scales, bits, group, out, i)
+
+
+@numba.njit(cache=True)
+def _f32_serial(codes, scales, bits, group, out):
+    for i in range(out.shape[0] * out.shape[1]):
+        _f32_item(codes, scales, bits, group, out, i)
+
+
+PARALLEL_MIN_VALUES = 1 << 16
+_KERNELS = {("bf16", True): _bf16_parallel, ("bf16", False): _bf16_serial,
+            ("f32", True): _f32_parallel, ("f32", False): _f32_serial}
 
 
 def _np3(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
@@ -136,10 +163,11 @@ def dequantize_numba(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: 
     """One fused pass on the CPU for bf16 or fp32 out; the same values as the reference."""
     group = out.shape[-1] // scales.shape[-1]
     c, s = _np3(codes), _np3(scales, torch.int16).view(np.uint16)
+    parallel = out.numel() >= PARALLEL_MIN_VALUES
     if out.dtype == torch.bfloat16:
-        _dequant_bf16(c, s, bits, group, _np3(out, torch.int16).view(np.uint16))
+        _KERNELS["bf16", parallel](c, s, bits, group, _np3(out, torch.int16).view(np.uint16))
     else:
-        _dequant_f32(c, s, bits, group, _np3(out))
+        _KERNELS["f32", parallel](c, s, bits, group, _np3(out))
     return out
 
 

@@ -22,6 +22,7 @@ unquantized layers (`numel`, `prefix_numel`, `mlp_offset`, `row_numel`), counted
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -173,23 +174,33 @@ def quantize_layer(q: QuantLayout, full: torch.Tensor, out: torch.Tensor) -> Non
         scales.copy_(s.view(hi - lo, 3, -1))
 
 
-def dequantize_layer(q: QuantLayout, src: torch.Tensor, out: torch.Tensor, rows: int, backend: str) -> None:
-    """The attention part and neurons 0..rows-1 of `src` (uint8, layer layout, possibly only
-    that prefix) into `out` (compute dtype, unquantized layout): what a pass over `rows` neurons uses."""
+def dequantize_jobs(q: QuantLayout, src: torch.Tensor, out: torch.Tensor, rows: int, backend: str) -> list:
+    """The steps that bring the attention part and neurons 0..rows-1 of `src` (uint8, layer
+    layout, possibly only that prefix) into `out` (compute dtype, unquantized layout): what a pass
+    over `rows` neurons uses. Built once per buffer and pass kind, so running them creates no
+    tensors (the decode loop allocates nothing)."""
     views = q.base.attention_views(out)
+    jobs = []
     for sec in q.sections:
         if len(sec.shape) == 1:
-            views[sec.name].copy_(src[sec.offset:sec.offset + sec.size].view(torch.float32))
+            jobs.append(partial(torch.Tensor.copy_, views[sec.name],
+                                src[sec.offset:sec.offset + sec.size].view(torch.float32)))
         else:
-            dequantize(*q.matrix(src, sec), q.bits, views[sec.name], backend)
+            jobs.append(partial(dequantize, *q.matrix(src, sec), q.bits, views[sec.name], backend))
     if rows:
-        dequantize(*q.mlp_records(src, 0, rows), q.bits, q.base.bundle(out, 0, rows), backend)
+        jobs.append(partial(dequantize, *q.mlp_records(src, 0, rows), q.bits, q.base.bundle(out, 0, rows), backend))
+    return jobs
 
 
-def dequantize_records(q: QuantLayout, raw: torch.Tensor, out_bundle: torch.Tensor, backend: str) -> None:
+def record_jobs(q: QuantLayout, raw: torch.Tensor, out_bundle: torch.Tensor, backend: str) -> list:
     """Records at the start of `raw` (a slot holding complement rows) into out_bundle [n, 3, H]."""
-    if out_bundle.shape[0]:
-        dequantize(*q.records(raw, out_bundle.shape[0]), q.bits, out_bundle, backend)
+    n = out_bundle.shape[0]
+    return [partial(dequantize, *q.records(raw, n), q.bits, out_bundle, backend)] if n else []
+
+
+def dequantize_layer(q: QuantLayout, src: torch.Tensor, out: torch.Tensor, rows: int, backend: str) -> None:
+    for job in dequantize_jobs(q, src, out, rows, backend):
+        job()
 
 
 def quantized_fraction(q: QuantLayout, dtype_bytes: int) -> float:

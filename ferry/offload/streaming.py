@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from ferry.kernels.gather import gather_rows
-from ferry.model.quant import QuantLayout, dequantize_layer, dequantize_records
+from ferry.model.quant import QuantLayout, dequantize_jobs, record_jobs
 from ferry.model.weights import LayerLayout, LayerWeights
 
 FULL, SPARSE = "full", "sparse"
@@ -69,6 +69,7 @@ class LayerExecutor:
         self.rows = layout.intermediate_size  # neurons a SPARSE pass uses (a prefix)
         self.thresholds: list[float] | None = None  # CATS thresholds for SPARSE passes
         self._views: dict[tuple, LayerWeights] = {}
+        self._jobs: dict[tuple, list] = {}  # dequantization steps per (layer, kind, slot)
         self.queue: deque[Item] = deque()  # unconsumed fetches in use order
         self.head = 0  # number of queue[0]; its slot is head % depth
         self.in_flight = 0  # the first in_flight items of the queue have been issued
@@ -165,15 +166,22 @@ class LayerExecutor:
         """Quantized weights: what this pass uses of the layer into the work buffer."""
         if self.quant is None:
             return
+        key = (layer, self.kind, slot)
+        if key not in self._jobs:
+            self._jobs[key] = self._dequantize_jobs(layer, self.kind, slot)
+        for job in self._jobs[key]:
+            job()
+
+    def _dequantize_jobs(self, layer: int, kind: str, slot: int | None) -> list:
         q, n, k, backend = self.quant, self.layout.intermediate_size, self.rows, self.dequant_backend
-        rows = k if self.kind == SPARSE and self.thresholds is None else n
+        rows = k if kind == SPARSE and self.thresholds is None else n
         if layer in self.prefix_buffers:
-            dequantize_layer(q, self.prefix_buffers[layer], self.work, k, backend)
+            jobs = dequantize_jobs(q, self.prefix_buffers[layer], self.work, k, backend)
             if rows > k:  # the complement rows arrived at the start of the slot
-                dequantize_records(q, self.slots[slot], self.layout.bundle(self.work, k, n), backend)
-        else:
-            src = self.resident[layer] if layer in self.resident else self.slots[slot]
-            dequantize_layer(q, src, self.work, rows, backend)
+                jobs += record_jobs(q, self.slots[slot], self.layout.bundle(self.work, k, n), backend)
+            return jobs
+        src = self.resident[layer] if layer in self.resident else self.slots[slot]
+        return dequantize_jobs(q, src, self.work, rows, backend)
 
     def release(self, layer: int) -> None:
         if self.fetch_range(layer, self.kind) is None:
@@ -265,6 +273,7 @@ class LayerExecutor:
                 self.prefix_buffers[layer] = torch.empty(prefix, dtype=self.store_dtype, device=self.device)
             self.link.wait(self.link.copy(self.prefix_buffers[layer], self.host[layer][:prefix]))
         self._views.clear()
+        self._jobs.clear()
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         """CATS: SPARSE passes use every neuron, skipping those under the layer's threshold."""
@@ -272,6 +281,7 @@ class LayerExecutor:
         self.prefix_buffers.clear()
         self.rows, self.thresholds = self.layout.intermediate_size, list(thresholds)
         self._views.clear()
+        self._jobs.clear()
 
 
 class PassView:
