@@ -8,6 +8,8 @@ For each of bf16 (no quantization), int8 and int4, over the prompts in bench/pro
 - NLL: as bench/quality.py, the mean negative log-likelihood of each configuration's greedy
   continuation under the bf16 model ("does it say what bf16 would say"), and the other way round,
   the NLL the quantized model gives the bf16 continuation ("how well does it predict bf16's text");
+- text NLL: mean NLL per token of natural text neither model wrote (ferry's calibration text, in
+  chunks of 256 tokens), the usual perplexity-style measure of what quantization costs;
 - agreement: fraction of tokens before the first divergence from bf16 dense greedy;
 - decode tokens/s with all layers resident (dequantized as each layer is used).
 
@@ -33,6 +35,25 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quality import PROMPTS, agreement, continuation_nll  # noqa: E402
 
 METHODS = ("none", "int8", "int4")
+TEXT = Path(ferry.__file__).parent / "sparse" / "calibration.txt"
+CHUNK = 256
+
+
+def text_nll(engine) -> float:
+    """Mean NLL per predicted token of the calibration text, in independent chunks."""
+    from ferry.model.forward import forward
+
+    ids = engine.tokenizer(TEXT.read_text(encoding="utf-8"))["input_ids"]
+    engine._prepare_context(CHUNK, 0)
+    total, count = 0.0, 0
+    for lo in range(0, len(ids) - 1, CHUNK):
+        chunk = torch.tensor(ids[lo:lo + CHUNK], dtype=torch.long)
+        engine.cache.reset()
+        with torch.no_grad():
+            logits = forward(engine.config, engine.weights, engine.rope, engine.cache, chunk, 0, all_logits=True)
+        logp = torch.log_softmax(logits[:-1], dim=-1).gather(1, chunk[1:, None])
+        total, count = total - float(logp.sum()), count + len(chunk) - 1
+    return total / count
 
 
 def all_streamed_budget(engine) -> int:
@@ -60,7 +81,7 @@ def evaluate(engine, reference_engine, prompts, reference, new_tokens) -> dict:
         nll_own.append(continuation_nll(reference_engine, prompt, out.token_ids))
         nll_ref.append(continuation_nll(engine, prompt, ref))
         tps.append(out.stats.tokens_per_s)
-    return {"agreement": statistics.mean(agree), "nll": statistics.mean(nll_own),
+    return {"text_nll": text_nll(engine), "agreement": statistics.mean(agree), "nll": statistics.mean(nll_own),
             "nll_of_bf16_text": statistics.mean(nll_ref), "decode_tokens_per_s": statistics.median(tps)}
 
 
@@ -79,8 +100,8 @@ def main() -> None:
     results = []
     print(f"SmolLM2-135M-Instruct, {len(prompts)} prompts, {args.new_tokens} new tokens, greedy, bf16 compute, "
           f"CPU ({torch.get_num_threads()} threads); groups of {engines['int4'].plan.quant_group} values")
-    print(f"{'weights':8}{'plan B/tok':>12}{'measured':>12}{'vs bf16':>9}{'NLL':>8}{'change':>9}"
-          f"{'NLL(bf16 text)':>16}{'change':>9}{'agree':>7}{'tok/s':>7}")
+    print(f"{'weights':8}{'plan B/tok':>12}{'measured':>12}{'vs bf16':>9}{'text NLL':>10}{'change':>9}"
+          f"{'NLL':>8}{'change':>9}{'NLL(bf16 text)':>16}{'change':>9}{'agree':>7}{'tok/s':>7}")
     for method, engine in engines.items():
         t0 = time.perf_counter()
         measured, planned, streamed = streamed_bytes(method, all_streamed_budget(engine), prompts[: args.stream_prompts],
@@ -91,10 +112,11 @@ def main() -> None:
         row["bytes_vs_bf16"] = measured / base["h2d_bytes_per_token"]
         row["nll_change"] = row["nll"] / base["nll"] - 1
         row["nll_of_bf16_text_change"] = row["nll_of_bf16_text"] / base["nll_of_bf16_text"] - 1
+        row["text_nll_change"] = row["text_nll"] / base["text_nll"] - 1
         row["minutes"] = (time.perf_counter() - t0) / 60
         results.append(row)
         print(f"{method:8}{planned / 1e6:10.1f}MB{measured / 1e6:10.1f}MB{row['bytes_vs_bf16']:9.3f}"
-              f"{row['nll']:8.3f}{row['nll_change']:+9.1%}{row['nll_of_bf16_text']:16.3f}"
+              f"{row['text_nll']:10.3f}{row['text_nll_change']:+9.1%}{row['nll']:8.3f}{row['nll_change']:+9.1%}{row['nll_of_bf16_text']:16.3f}"
               f"{row['nll_of_bf16_text_change']:+9.1%}{row['agreement']:7.3f}{row['decode_tokens_per_s']:7.1f}",
               flush=True)
     print(json.dumps({"bench": "quant_quality", "model": "SmolLM2-135M-Instruct", "prompts": len(prompts),
