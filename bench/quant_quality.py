@@ -15,7 +15,9 @@ For each of bf16 (no quantization), int8 and int4, over the prompts in bench/pro
 
 Prints a table, then one JSON line.
 
-    python bench/quant_quality.py [--new-tokens 32] [--limit N] [--stream-prompts 4]
+    python bench/quant_quality.py [--new-tokens 32] [--limit N] [--stream-prompts 4] [--methods none int8 int4 int4:64]
+
+A method "int4:64" uses groups of at most 64 values instead of 128.
 """
 
 from __future__ import annotations
@@ -63,9 +65,14 @@ def all_streamed_budget(engine) -> int:
     return fixed + p.prefetch_depth * p.layer_bytes
 
 
+def quant_options(method: str) -> dict:
+    name, _, group = method.partition(":")
+    return dict(quant=name, quant_group=int(group) if group else 128)
+
+
 def streamed_bytes(method: str, budget: int, prompts: list[str], new_tokens: int, common: dict) -> tuple[float, int, int]:
     """(measured bytes per new token, the plan's bytes per dense token, streamed layers)."""
-    engine = ferry.load(**common, quant=method, gpu_memory=budget, link_gbps=1000.0)
+    engine = ferry.load(**common, **quant_options(method), gpu_memory=budget, link_gbps=1000.0)
     per_token = [engine.generate(p, max_new_tokens=new_tokens, ignore_eos=True).stats.h2d_bytes_per_token
                  for p in prompts]
     out = statistics.mean(per_token), engine.plan.bytes_per_token["dense"], len(engine.plan.streamed_layers)
@@ -90,23 +97,24 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     parser.add_argument("--stream-prompts", type=int, default=4, help="prompts for the streamed byte count")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="none, int8, int4, or int4:GROUP")
     args = parser.parse_args()
     rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
     prompts = [r["prompt"] for r in rows][: args.limit or None]
     common = dict(dtype="bf16", device="cpu", ctx=512, progress=False)
-    engines = {m: ferry.load(**common, quant=m) for m in METHODS}
+    engines = {m: ferry.load(**common, **quant_options(m)) for m in ["none", *[m for m in args.methods if m != "none"]]}
     bf16 = engines["none"]
     reference = [bf16.generate(p, max_new_tokens=args.new_tokens).token_ids for p in prompts]
     results = []
     print(f"SmolLM2-135M-Instruct, {len(prompts)} prompts, {args.new_tokens} new tokens, greedy, bf16 compute, "
-          f"CPU ({torch.get_num_threads()} threads); groups of {engines['int4'].plan.quant_group} values")
-    print(f"{'weights':8}{'plan B/tok':>12}{'measured':>12}{'vs bf16':>9}{'text NLL':>10}{'change':>9}"
+          f"CPU ({torch.get_num_threads()} threads); groups of {[e.plan.quant_group for e in engines.values()]} values")
+    print(f"{'weights':9}{'plan B/tok':>12}{'measured':>12}{'vs bf16':>9}{'text NLL':>10}{'change':>9}"
           f"{'NLL':>8}{'change':>9}{'NLL(bf16 text)':>16}{'change':>9}{'agree':>7}{'tok/s':>7}")
     for method, engine in engines.items():
         t0 = time.perf_counter()
         measured, planned, streamed = streamed_bytes(method, all_streamed_budget(engine), prompts[: args.stream_prompts],
                                                      args.new_tokens, common)
-        row = {"quant": method, "plan_bytes_per_token": planned, "h2d_bytes_per_token": measured,
+        row = {"quant": method, "group": engine.plan.quant_group, "plan_bytes_per_token": planned, "h2d_bytes_per_token": measured,
                "streamed_layers": streamed, **evaluate(engine, bf16, prompts, reference, args.new_tokens)}
         base = results[0] if results else row
         row["bytes_vs_bf16"] = measured / base["h2d_bytes_per_token"]
@@ -115,12 +123,12 @@ def main() -> None:
         row["text_nll_change"] = row["text_nll"] / base["text_nll"] - 1
         row["minutes"] = (time.perf_counter() - t0) / 60
         results.append(row)
-        print(f"{method:8}{planned / 1e6:10.1f}MB{measured / 1e6:10.1f}MB{row['bytes_vs_bf16']:9.3f}"
+        print(f"{method:9}{planned / 1e6:10.1f}MB{measured / 1e6:10.1f}MB{row['bytes_vs_bf16']:9.3f}"
               f"{row['text_nll']:10.3f}{row['text_nll_change']:+9.1%}{row['nll']:8.3f}{row['nll_change']:+9.1%}{row['nll_of_bf16_text']:16.3f}"
               f"{row['nll_of_bf16_text_change']:+9.1%}{row['agreement']:7.3f}{row['decode_tokens_per_s']:7.1f}",
               flush=True)
     print(json.dumps({"bench": "quant_quality", "model": "SmolLM2-135M-Instruct", "prompts": len(prompts),
-                      "new_tokens": args.new_tokens, "dtype": "bf16", "group": engines["int4"].plan.quant_group,
+                      "new_tokens": args.new_tokens, "dtype": "bf16",
                       "results": results}))
 
 
