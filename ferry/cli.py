@@ -63,6 +63,19 @@ def add_model_args(p: argparse.ArgumentParser, ctx_help: str) -> None:
                         "(default: free device memory minus 1 GiB; on a CPU-only machine, the CPU tier's budget)")
     p.add_argument("--prefetch-depth", type=_int_at_least(1), default=2,
                    help="streaming slots: layers in flight ahead of compute (default 2)")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                   help="store the layers' weights as group-wise int8/int4 with fp16 scales "
+                        "(quantized once at load, cached on disk); default none")
+    p.add_argument("--quant-group", type=int, default=None, metavar="G",
+                   help="largest group of values sharing one scale (default 128; a multiple of 8 >= 32)")
+
+
+def quant_config(args: argparse.Namespace):
+    from ferry.model.quant import QuantConfig
+
+    if args.quant_group is not None and args.quant == "none":
+        raise FerryError("--quant-group needs --quant int8 or --quant int4")
+    return QuantConfig(method=args.quant, group_size=128 if args.quant_group is None else args.quant_group)
 
 
 def _period(text: str) -> int | str:
@@ -260,6 +273,7 @@ def make_engine(args: argparse.Namespace, prompts: list[str]):
     from ferry.sparse.config import SparsityConfig
     from ferry.text import encode_prompt
 
+    quant = quant_config(args)
     offload = OffloadConfig(gpu_memory=args.gpu_memory, prefetch_depth=args.prefetch_depth,
                             link_gbps=args.link_gbps, schedule=args.schedule,
                             resident_sparse=args.resident_sparse)
@@ -281,7 +295,7 @@ def make_engine(args: argparse.Namespace, prompts: list[str]):
         accept=args.accept, adaptive=adaptive, draft_confidence=args.draft_confidence,
         speculate=args.speculate)
     engine = Engine(folder, runtime=runtime, offload=offload, sparsity=sparsity, correction=correction,
-                    tokenizer=tokenizer)
+                    tokenizer=tokenizer, quant=quant)
     if engine.plan.streamed_layers:
         print(f"ferry: {len(engine.plan.streamed_layers)} of {engine.config.num_layers} layers stream "
               f"from host memory, {fmt_bytes(engine.plan.link_bytes['full_pass'])} per token",
@@ -299,6 +313,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
     gpu = costmodel.resolve_gpu(args.gpu or "rtx4090", memory_bytes=args.gpu_memory,
                                 memory_gbps=args.gpu_mem_gbps, link_gbps=args.link_gbps)
+    quant = quant_config(args)
     cfg = ModelConfig.from_hf(resolve_config(args.model))
     device = args.device if args.device != "auto" else (
         "cuda" if args.gpu or torch.cuda.is_available() else "cpu")
@@ -312,7 +327,8 @@ def run_plan(args: argparse.Namespace) -> int:
     ctx = args.ctx or min(4096, cfg.max_position_embeddings)
     plan = make_plan(cfg, dtype_bytes=dtype_bytes, budget_bytes=budget, host_available_bytes=host,
                      ctx=ctx, prefetch_depth=args.prefetch_depth, device=device, sparsity=args.sparsity,
-                     sparse_method=args.sparse_method, prefix_resident=args.resident_sparse)
+                     sparse_method=args.sparse_method, prefix_resident=args.resident_sparse,
+                     quant=quant)
     cost = dict(gpu=gpu, period=args.period, aal=args.aal, schedule=args.schedule or "pipelined")
     preds = costmodel.predict_for_plan(plan, **cost)
     steps = _chunk_schedule(plan, args) if args.schedule else None

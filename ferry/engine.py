@@ -16,6 +16,7 @@ import torch
 from ferry.errors import FerryError
 from ferry.kernels.reference import rope_tables
 from ferry.model.forward import Rope
+from ferry.model.quant import QuantConfig
 from ferry.offload.checkpoint import open_checkpoint
 from ferry.offload.loader import load_model
 from ferry.offload.planner import OffloadConfig, Plan, default_budgets, make_plan, parse_size
@@ -117,8 +118,9 @@ class Engine:
         self, model: str | os.PathLike | None = None, *, runtime: RuntimeConfig = RuntimeConfig(),
         offload: OffloadConfig = OffloadConfig(), sparsity: SparsityConfig = SparsityConfig(),
         correction: CorrectionConfig | None = None, progress: bool = True, tokenizer=None,
+        quant: QuantConfig = QuantConfig(),
     ):
-        self.runtime, self.offload, self.sparsity = runtime, offload, sparsity
+        self.runtime, self.offload, self.sparsity, self.quant = runtime, offload, sparsity, quant
         self.correction = correction or CorrectionConfig(mode="sirius" if sparsity.sparsity > 0 else "dense")
         self.folder = resolve_model(model)
         self.checkpoint = open_checkpoint(self.folder)
@@ -131,13 +133,13 @@ class Engine:
         self.link = _make_link(self.device, offload.link_gbps)
         self.weights, self.load_report = load_model(
             self.checkpoint, self.plan, self.dtype, self.device, self.link,
-            pipelined=offload.schedule == "pipelined", progress=progress)
+            pipelined=offload.schedule == "pipelined", progress=progress, quant=quant)
         self.executor = self.weights.layers.executor
         self.sparse_weights = replace(self.weights, layers=PassView(self.executor, SPARSE))
         self.kept = kept_neurons(self.config.intermediate_size, sparsity.sparsity)
         if self.uses_sparsity and sparsity.method == "cats":
             table = load_or_calibrate(self.folder, self.config, self.weights, self.tokenizer,
-                                      self.dtype, self.device, progress)
+                                      self.dtype, self.device, progress, variant=quant.method)
             self.executor.set_thresholds(thresholds_for(table, sparsity.sparsity))
         self.tuner = None
         if self.correction.adaptive:  # statistics persist across prompts of this engine
@@ -167,7 +169,8 @@ class Engine:
             self.config, dtype_bytes=torch.finfo(self.dtype).bits // 8, budget_bytes=budget,
             host_available_bytes=host, ctx=ctx, prefetch_depth=self.offload.prefetch_depth,
             device=self.device.type, sparsity=self.sparsity.sparsity if sparse else 0.0,
-            sparse_method=self.sparsity.method, prefix_resident=self.offload.resident_sparse)
+            sparse_method=self.sparsity.method, prefix_resident=self.offload.resident_sparse,
+            quant=self.quant)
 
     def close(self) -> None:
         """Stop the link's worker (emulated link); the engine is unusable afterwards."""
@@ -319,7 +322,8 @@ def load(
     sparsity: float = 0.0,
     sparse_method: str = "griffin", mode: str | None = None, period: int | str = 16,
     max_period: int = 16, draft_confidence: float | None = None, threshold: float = 0.1,
-    accept: str = "threshold", speculate: bool = True, progress: bool = True,
+    accept: str = "threshold", speculate: bool = True, progress: bool = True, quant: str = "none",
+    quant_group: int = 128,
 ) -> Engine:
     """Load a model (a folder, a .gguf file, a hub id, or None for the embedded default).
 
@@ -330,6 +334,9 @@ def load(
     period="auto" ends each chunk when the sparse model's confidence drops below draft_confidence
     (None: chosen automatically), at most max_period tokens. speculate: while a full pass streams,
     the resident sparse model drafts the next chunk (kept when the pass accepts the whole chunk).
+    quant ("int8", "int4") stores the decoder layers' weights as group-wise integers (groups of at
+    most quant_group values), quantized once and cached on disk; they cross the link and stay
+    resident in that form.
     """
     if isinstance(gpu_memory, str):
         gpu_memory = parse_size(gpu_memory)
@@ -343,7 +350,7 @@ def load(
         threshold=threshold, accept=accept, adaptive=adaptive, draft_confidence=draft_confidence,
         speculate=speculate)
     return Engine(model, runtime=runtime, offload=offload, sparsity=sparse, correction=correction,
-                  progress=progress)
+                  progress=progress, quant=QuantConfig(method=quant, group_size=quant_group))
 
 
 def _make_link(device: torch.device, link_gbps: float | None):

@@ -107,10 +107,12 @@ def test_plan_prints_the_schedule(capsys):
 SPARSITY = 0.75  # tiny models: the selected prefixes of all 4 layers plus 2 slots stay under 4 layers
 
 
-def all_prefix_budget(cfg, ctx: int, depth: int = 2) -> int:
+def all_prefix_budget(cfg, ctx: int, depth: int = 2, quant: str = "none") -> int:
     """A device budget where every layer streams but keeps its selected neurons resident."""
+    from ferry.model.quant import QuantConfig
+
     p = make_plan(cfg, dtype_bytes=4, budget_bytes=1 << 40, host_available_bytes=1 << 40, ctx=ctx,
-                  sparsity=SPARSITY)
+                  sparsity=SPARSITY, quant=QuantConfig(method=quant, group_size=32))
     fixed = p.kv_cache_bytes + p.workspace_bytes + p.norm_bytes + (p.lm_head_bytes or p.embed_bytes)
     return fixed + depth * p.layer_bytes + cfg.num_layers * p.prefix_bytes + 64
 
@@ -279,3 +281,31 @@ def test_profile_reports_speculative_steps_as_their_own_phase(tiny_model_dir):
     assert in_passes <= report["total_s"]
     full = [p for p in run.passes if p["phase"] == "full_pass"]
     assert sum(p["speculative_s"] for p in full) == pytest.approx(phases["speculative_step"]["total_s"])
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_speculation_on_quantized_weights_keeps_strict_equal_to_quantized_dense(quant, tiny_model_dir):
+    folder = tiny_model_dir("qwen2-tied")
+    q = dict(dtype="fp32", ctx=64, progress=False, quant=quant, quant_group=32)
+    dense = ferry.load(folder, **q)
+    budget = all_prefix_budget(dense.config, 64, quant=quant)
+    engine = ferry.load(folder, **q, sparsity=SPARSITY, accept="strict", period=4, gpu_memory=budget,
+                        link_gbps=50.0)
+    assert len(engine.plan.prefix_layers) == engine.config.num_layers
+    for prompt in PROMPTS[:2]:
+        want = dense.generate(prompt, max_new_tokens=16, ignore_eos=True)
+        got = engine.generate(prompt, max_new_tokens=16, ignore_eos=True)
+        assert got.token_ids == want.token_ids
+        assert got.stats.speculative_steps > 0
+    engine.close()
+    # Resident sparse steps dequantize their own rows: sparse decoding from the resident
+    # selected rows equals sparse decoding that streams them.
+    sparse = dict(q, sparsity=SPARSITY, mode="sparse", gpu_memory=budget, link_gbps=50.0)
+    resident = ferry.load(folder, **sparse)
+    streamed = ferry.load(folder, **sparse, resident_sparse=False)
+    assert resident.plan.prefix_layers and not streamed.plan.prefix_layers
+    for prompt in PROMPTS[:2]:
+        want = streamed.generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids
+        assert resident.generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids == want
+    resident.close()
+    streamed.close()

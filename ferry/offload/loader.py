@@ -14,11 +14,13 @@ import torch
 from tqdm import tqdm
 
 from ferry.model.config import ModelConfig
+from ferry.model.quant import QuantConfig, QuantLayout
 from ferry.model.weights import LayerLayout, LayerWeights, ModelWeights
 from ferry.offload.checkpoint import Checkpoint, TensorReader
 from ferry.offload.planner import Plan
 from ferry.offload.streaming import FULL, LayerExecutor, PassView
 from ferry.offload.transfer import host_empty
+from ferry.kernels.quant import pick_backend
 
 
 @dataclass(frozen=True)
@@ -46,38 +48,54 @@ def pack_layer(cfg: ModelConfig, layout: LayerLayout, get, prefix: str, flat: to
     bundle[:, 2].copy_(get(prefix + "mlp.down_proj.weight").t())  # down columns become rows
 
 
-def load_model(
-    checkpoint: Checkpoint, plan: Plan, dtype: torch.dtype, device: torch.device, link,
-    pipelined: bool = True, progress: bool = True,
-) -> tuple[ModelWeights, LoadReport]:
-    cfg = checkpoint.config
-    layout = LayerLayout.for_config(cfg)
-    reader = TensorReader(checkpoint)
-    pin = device.type == "cuda"
+def _load_layers(checkpoint, layout, reader, streamed, dtype, device, pin, progress):
+    """(resident layers, streamed layers' host buffers, peak RSS), packed one layer at a time."""
     process = psutil.Process()
-    rss_before = peak = process.memory_info().rss
+    peak = process.memory_info().rss
     resident: dict[int, torch.Tensor] = {}
     host: dict[int, torch.Tensor] = {}
-    streamed = set(plan.streamed_layers)
-    for i in tqdm(range(cfg.num_layers), desc="loading layers", unit="layer", disable=not progress):
+    for i in tqdm(range(checkpoint.config.num_layers), desc="loading layers", unit="layer", disable=not progress):
         if i in streamed:
             flat = host[i] = host_empty(layout.numel, dtype, pin)
         else:
             flat = torch.empty(layout.numel, dtype=dtype, device=device)
-        pack_layer(cfg, layout, reader.get, f"model.layers.{i}.", flat)
+        pack_layer(checkpoint.config, layout, reader.get, f"model.layers.{i}.", flat)
         if i not in streamed:
             resident[i] = flat
         peak = max(peak, process.memory_info().rss)
         reader.close()  # drop the file mappings so their pages leave our resident set
+    return resident, host, peak
+
+
+def load_model(
+    checkpoint: Checkpoint, plan: Plan, dtype: torch.dtype, device: torch.device, link,
+    pipelined: bool = True, progress: bool = True, quant: QuantConfig = QuantConfig(),
+) -> tuple[ModelWeights, LoadReport]:
+    """quant: the decoder layers' weights are quantized (once, cached on disk) and stay quantized
+    in host and device memory; embeddings, lm_head and the final norm keep the compute dtype."""
+    cfg = checkpoint.config
+    layout = LayerLayout.for_config(cfg)
+    reader = TensorReader(checkpoint)
+    pin = device.type == "cuda"
+    rss_before = psutil.Process().memory_info().rss
+    streamed = set(plan.streamed_layers)
+    qlayout = QuantLayout.for_config(cfg, quant) if quant.enabled else None
+    if qlayout is not None:
+        from ferry.offload.quant_store import load_quantized_layers
+
+        resident, host, peak = load_quantized_layers(checkpoint, qlayout, streamed, device, pin, progress)
+    else:
+        resident, host, peak = _load_layers(checkpoint, layout, reader, streamed, dtype, device, pin, progress)
     embed_device = device if plan.embed_on_device else torch.device("cpu")
     embed = reader.get("model.embed_tokens.weight").to(device=embed_device, dtype=dtype)
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in reader
     lm_head = embed.to(device) if tied else reader.get("lm_head.weight").to(device=device, dtype=dtype)
     norm = reader.get("model.norm.weight").to(device=device, dtype=dtype)
     reader.close()
-    peak = max(peak, process.memory_info().rss)
+    peak = max(peak, psutil.Process().memory_info().rss)
     executor = LayerExecutor(layout, resident, host, plan.prefetch_depth, link, device, dtype,
-                             pipelined, prefix_layers=plan.prefix_layers)
+                             pipelined, prefix_layers=plan.prefix_layers, quant=qlayout,
+                             dequant_backend=pick_backend(device, dtype))
     store_bytes = sum(t.numel() * t.element_size() for t in host.values())
     if not plan.embed_on_device:
         store_bytes += embed.numel() * embed.element_size()

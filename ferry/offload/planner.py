@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from ferry.errors import FerryError
 from ferry.model.config import ModelConfig
+from ferry.model.quant import QuantConfig, QuantLayout
 from ferry.model.weights import LayerLayout
 from ferry.sparse.griffin import kept_neurons
 
@@ -71,6 +72,8 @@ class Plan:
     prefix_layers: tuple[int, ...] = ()  # streamed layers whose selected neurons stay resident
     prefix_bytes: int = 0  # attention + selected neurons of one layer
     sparse_method: str = "griffin"  # griffin reads a prefix of each layer; cats whole layers
+    quant: str = "none"  # none, int8, int4: layer, prefix and slot bytes are then the packed sizes
+    quant_group: int = 0  # values per quantization scale (0: not quantized)
 
     @property
     def num_layers(self) -> int:
@@ -97,26 +100,31 @@ class Plan:
 def make_plan(
     cfg: ModelConfig, *, dtype_bytes: int, budget_bytes: int, host_available_bytes: int,
     ctx: int, prefetch_depth: int = 2, device: str = "cpu", sparsity: float = 0.0,
-    sparse_method: str = "griffin", prefix_resident: bool = True,
+    sparse_method: str = "griffin", prefix_resident: bool = True, quant: QuantConfig = QuantConfig(),
 ) -> Plan:
     """With Griffin sparsity a sparse step reads a prefix of each layer (attention + the selected
     neurons); CATS reads whole layers (every gate row is needed). prefix_resident: with Griffin,
     keep the selected neurons of streamed layers on the device. Per byte of device memory that saves more link traffic than whole layers do (a
     prefix is read by every sparse step and spares the full pass its bytes too), so prefixes
-    take the room first, then the leftover turns prefixes into whole resident layers."""
+    take the room first, then the leftover turns prefixes into whole resident layers.
+    quant: layers, prefixes and slots hold packed integers and scales; the device also holds one
+    compute-dtype layer that each acquired layer is dequantized into (counted in the workspace)."""
     if prefetch_depth < 1:
         raise FerryError(f"prefetch depth must be at least 1, got {prefetch_depth}")
     if ctx < 1:
         raise FerryError(f"context length must be at least 1, got {ctx}")
     b, h, n_layers = dtype_bytes, cfg.hidden_size, cfg.num_layers
     layout = LayerLayout.for_config(cfg)
-    layer = layout.numel * b
-    prefix = layout.prefix_numel(kept_neurons(cfg.intermediate_size, sparsity)) * b
+    store = QuantLayout.for_config(cfg, quant) if quant.enabled else layout
+    unit = 1 if quant.enabled else b  # the packed layout counts bytes
+    layer = store.numel * unit
+    prefix = store.prefix_numel(kept_neurons(cfg.intermediate_size, sparsity)) * unit
     embed = cfg.vocab_size * h * b
     lm_head = 0 if cfg.tie_word_embeddings else embed  # tied: the embedding matrix is the head
     kv = 2 * n_layers * cfg.num_kv_heads * ctx * cfg.head_dim * b
     # Activations of a prefill over `ctx` tokens, plus a fixed allowance (logits, temporaries).
     workspace = 16 * MiB + ctx * (cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size + 4 * h) * b
+    workspace += layout.numel * b if quant.enabled else 0  # the dequantized layer
     norm = h * b
     fixed = kv + workspace + norm + (embed if cfg.tie_word_embeddings else lm_head)
     problems: list[str] = []
@@ -169,7 +177,7 @@ def make_plan(
         embed_on_device=embed_on_device, slot_count=slots, device_bytes=device_bytes,
         host_bytes=host_bytes, link_bytes={"full_pass": full_pass, "sparse_step": sparse_step},
         problems=tuple(problems), sparsity=sparsity, prefix_layers=prefix_layers, prefix_bytes=prefix,
-        sparse_method=sparse_method,
+        sparse_method=sparse_method, quant=quant.method, quant_group=store.group if quant.enabled else 0,
     )
 
 
@@ -181,7 +189,9 @@ def describe(plan: Plan, cfg: ModelConfig, name: str) -> str:
         f"MLP {cfg.intermediate_size}, vocab {cfg.vocab_size}",
         f"device       {plan.device}, budget {fmt_bytes(plan.budget_bytes)}, "
         f"{plan.dtype_bytes} bytes/parameter, context {plan.ctx} tokens",
-        f"one layer    {fmt_bytes(plan.layer_bytes)}",
+        f"one layer    {fmt_bytes(plan.layer_bytes)}"
+        + (f" ({plan.quant}, one fp16 scale per {plan.quant_group} values; the workspace holds one "
+           "dequantized layer)" if plan.quant != "none" else ""),
         "resident:",
         f"  KV cache   {fmt_bytes(plan.kv_cache_bytes)}",
         f"  workspace  {fmt_bytes(plan.workspace_bytes)}",

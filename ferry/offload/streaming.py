@@ -17,6 +17,11 @@ last ones of this pass compute. The kinds of future passes come from `expect` (t
 knows its schedule) or repeat the last kind; a wrong guess is corrected at `begin_pass` (the
 guessed copies are wasted, never used). The serial schedule fetches each layer when needed and
 waits for it: the correctness oracle.
+
+Quantized weights (`quant`): host buffers, slots, resident layers and resident prefixes hold the
+bytes of `QuantLayout` (ranges above are then byte ranges); when a layer is acquired, the part the
+pass uses is dequantized into one work buffer laid out like an unquantized layer, whose views the
+model math reads. Resident data stays quantized, which is what lets a large selected set fit.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Sequence
 import torch
 
 from ferry.kernels.gather import gather_rows
+from ferry.model.quant import QuantLayout, dequantize_jobs, record_jobs
 from ferry.model.weights import LayerLayout, LayerWeights
 
 FULL, SPARSE = "full", "sparse"
@@ -45,20 +51,26 @@ class LayerExecutor:
     def __init__(
         self, layout: LayerLayout, resident: dict[int, torch.Tensor], host: dict[int, torch.Tensor],
         depth: int, link, device: torch.device, dtype: torch.dtype, pipelined: bool = True,
-        prefix_layers: Sequence[int] = (),
+        prefix_layers: Sequence[int] = (), quant: QuantLayout | None = None, dequant_backend: str = "torch",
     ):
         self.layout, self.resident, self.host, self.link = layout, resident, host, link
+        self.quant, self.dequant_backend = quant, dequant_backend
+        self.store = quant or layout  # how the host, slot and resident buffers are laid out
+        self.store_dtype = torch.uint8 if quant else dtype
+        self.work = torch.empty(layout.numel, dtype=dtype, device=device) if quant else None
         self.device, self.dtype, self.pipelined = device, dtype, pipelined
         self.order = tuple(sorted(host))  # streamed layers in visiting order
         self.prefix_layers = tuple(prefix_layers)  # streamed layers whose selected prefix stays
         self.prefix_buffers: dict[int, torch.Tensor] = {}
         self.depth = min(depth, len(self.order)) if self.order else 0
-        self.slots = [torch.empty(layout.numel, dtype=dtype, device=device) for _ in range(self.depth)]
+        self.slots = [torch.empty(self.store.numel, dtype=self.store_dtype, device=device)
+                      for _ in range(self.depth)]
         self.tickets: list = [None] * self.depth
         self.freed: list = [None] * self.depth  # compute-done markers guarding slot reuse
         self.rows = layout.intermediate_size  # neurons a SPARSE pass uses (a prefix)
         self.thresholds: list[float] | None = None  # CATS thresholds for SPARSE passes
         self._views: dict[tuple, LayerWeights] = {}
+        self._jobs: dict[tuple, list] = {}  # dequantization steps per (layer, kind, slot)
         self.queue: deque[Item] = deque()  # unconsumed fetches in use order
         self.head = 0  # number of queue[0]; its slot is head % depth
         self.in_flight = 0  # the first in_flight items of the queue have been issued
@@ -72,10 +84,10 @@ class LayerExecutor:
         """The element range of the layer's host buffer a pass of this kind must move."""
         if layer in self.resident:
             return None
-        prefix = self.layout.prefix_numel(self.rows)
+        prefix = self.store.prefix_numel(self.rows)
         if layer in self.prefix_buffers:
-            return None if kind == SPARSE or self.rows == self.layout.intermediate_size else (prefix, self.layout.numel)
-        return (0, prefix) if kind == SPARSE and self.thresholds is None else (0, self.layout.numel)
+            return None if kind == SPARSE or self.rows == self.store.intermediate_size else (prefix, self.store.numel)
+        return (0, prefix) if kind == SPARSE and self.thresholds is None else (0, self.store.numel)
 
     def moves_nothing(self, kind: str) -> bool:
         """Whether a pass of this kind runs on device-resident weights alone."""
@@ -91,7 +103,9 @@ class LayerExecutor:
         n, k, lay = self.layout.intermediate_size, self.rows, self.layout
         sparse_rows = k if kind == SPARSE and self.thresholds is None else n
         threshold = self.thresholds[layer] if kind == SPARSE and self.thresholds is not None else None
-        if layer in self.resident:
+        if self.quant is not None:  # dequantized into the work buffer: always one bundle
+            w = lay.views(self.work, rows=sparse_rows)
+        elif layer in self.resident:
             w = lay.views(self.resident[layer], rows=sparse_rows)
         elif layer in self.prefix_buffers:
             w = lay.views(self.prefix_buffers[layer], rows=k)
@@ -140,6 +154,7 @@ class LayerExecutor:
         if span is None:
             if self.trace is not None:
                 self.trace.append(("compute", self.kind, layer, None))
+            self._dequantize(layer, None)
             return self.weights(layer, self.kind, None)
         if not self.pipelined:
             slot = self.head % self.depth
@@ -154,7 +169,30 @@ class LayerExecutor:
         self.link.wait(self.tickets[slot])
         if self.trace is not None:
             self.trace.append(("compute", self.kind, layer, slot))
+        self._dequantize(layer, slot)
         return self.weights(layer, self.kind, slot)
+
+    def _dequantize(self, layer: int, slot: int | None, kind: str | None = None) -> None:
+        """Quantized weights: what this pass uses of the layer into the work buffer."""
+        if self.quant is None:
+            return
+        kind = kind or self.kind
+        key = (layer, kind, slot)
+        if key not in self._jobs:
+            self._jobs[key] = self._dequantize_jobs(layer, kind, slot)
+        for job in self._jobs[key]:
+            job()
+
+    def _dequantize_jobs(self, layer: int, kind: str, slot: int | None) -> list:
+        q, n, k, backend = self.quant, self.layout.intermediate_size, self.rows, self.dequant_backend
+        rows = k if kind == SPARSE and self.thresholds is None else n
+        if layer in self.prefix_buffers:
+            jobs = dequantize_jobs(q, self.prefix_buffers[layer], self.work, k, backend)
+            if rows > k:  # the complement rows arrived at the start of the slot
+                jobs += record_jobs(q, self.slots[slot], self.layout.bundle(self.work, k, n), backend)
+            return jobs
+        src = self.resident[layer] if layer in self.resident else self.slots[slot]
+        return dequantize_jobs(q, src, self.work, rows, backend)
 
     def release(self, layer: int) -> None:
         if self.fetch_range(layer, self.kind) is None:
@@ -235,20 +273,21 @@ class LayerExecutor:
         staging = None
         for layer, order in enumerate(orders):
             flat = self.resident.get(layer, self.host.get(layer))
-            bundle = flat[self.layout.mlp_offset:].view(self.layout.intermediate_size, -1)
+            bundle = flat[self.store.mlp_offset:].view(self.store.intermediate_size, -1)
             if staging is None or staging.device != bundle.device:
                 staging = torch.empty_like(bundle)
             gather_rows(bundle, order.to(bundle.device), staging)
             bundle.copy_(staging)
         self.rows, self.thresholds = rows, None
-        prefix = self.layout.prefix_numel(rows)
+        prefix = self.store.prefix_numel(rows)
         if rows == self.layout.intermediate_size:
             self.prefix_buffers.clear()
         for layer in self.prefix_layers if rows < self.layout.intermediate_size else ():
             if layer not in self.prefix_buffers:
-                self.prefix_buffers[layer] = torch.empty(prefix, dtype=self.dtype, device=self.device)
+                self.prefix_buffers[layer] = torch.empty(prefix, dtype=self.store_dtype, device=self.device)
             self.link.wait(self.link.copy(self.prefix_buffers[layer], self.host[layer][:prefix]))
         self._views.clear()
+        self._jobs.clear()
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         """CATS: SPARSE passes use every neuron, skipping those under the layer's threshold."""
@@ -256,6 +295,7 @@ class LayerExecutor:
         self.prefix_buffers.clear()
         self.rows, self.thresholds = self.layout.intermediate_size, list(thresholds)
         self._views.clear()
+        self._jobs.clear()
 
 
 class PassView:
@@ -285,6 +325,7 @@ class PassView:
             return self.executor.acquire(index)
         if self.executor.trace is not None:
             self.executor.trace.append(("compute", self.kind, index, None))
+        self.executor._dequantize(index, None, self.kind)
         return self.executor.weights(index, self.kind, None)
 
     def release(self, index: int) -> None:

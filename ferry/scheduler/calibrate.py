@@ -33,9 +33,11 @@ def thresholds_for(table: list[list[float]], sparsity: float) -> list[float]:
     return [row[lo] * (1 - frac) + row[hi] * frac for row in table]
 
 
-def calibration_file(folder: Path, dtype: torch.dtype) -> Path:
+def calibration_file(folder: Path, dtype: torch.dtype, variant: str = "none") -> Path:
+    """variant: the weights' quantization (thresholds follow the weights that compute them)."""
     config = (folder / "config.json").read_bytes()
-    key = hashlib.sha256(str(folder.resolve()).encode() + config + str(dtype).encode()).hexdigest()[:16]
+    extra = b"" if variant == "none" else variant.encode()
+    key = hashlib.sha256(str(folder.resolve()).encode() + config + str(dtype).encode() + extra).hexdigest()[:16]
     return cache_dir() / "cats" / f"{key}.json"
 
 
@@ -64,8 +66,9 @@ def quantile_table(cfg, weights, tokenizer, dtype, device, progress: bool = True
     return table
 
 
-def load_or_calibrate(folder: Path, cfg, weights, tokenizer, dtype, device, progress=True) -> list[list[float]]:
-    path = calibration_file(folder, dtype)
+def load_or_calibrate(folder: Path, cfg, weights, tokenizer, dtype, device, progress=True,
+                      variant: str = "none") -> list[list[float]]:
+    path = calibration_file(folder, dtype, variant)
     if path.is_file():
         try:
             return json.loads(path.read_text())["quantiles"]

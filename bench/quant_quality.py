@@ -1,0 +1,136 @@
+"""Quantized host weights on the default model: bytes on the link and quality against bf16.
+
+For each of bf16 (no quantization), int8 and int4, over the prompts in bench/prompts.jsonl
+(chat template, greedy, dense decoding, bf16 compute on CPU):
+
+- bytes per token: the plan's figure with every layer streamed (the ceiling the link must carry,
+  printed first) and the measured `h2d_bytes_per_token` of generations with every layer streamed;
+- NLL: as bench/quality.py, the mean negative log-likelihood of each configuration's greedy
+  continuation under the bf16 model ("does it say what bf16 would say"), and the other way round,
+  the NLL the quantized model gives the bf16 continuation ("how well does it predict bf16's text");
+- text NLL: mean NLL per token of natural text neither model wrote (ferry's calibration text, in
+  chunks of 256 tokens), the usual perplexity-style measure of what quantization costs;
+- agreement: fraction of tokens before the first divergence from bf16 dense greedy;
+- decode tokens/s with all layers resident (dequantized as each layer is used).
+
+Prints a table, then one JSON line.
+
+    python bench/quant_quality.py [--new-tokens 32] [--limit N] [--stream-prompts 4] [--methods none int8 int4 int4:64]
+
+A method "int4:64" uses groups of at most 64 values instead of 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import ferry
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import PROMPTS, agreement, continuation_nll  # noqa: E402
+
+METHODS = ("none", "int8", "int4")
+TEXT = Path(ferry.__file__).parent / "sparse" / "calibration.txt"
+CHUNK = 256
+
+
+def text_nll(engine) -> float:
+    """Mean NLL per predicted token of the calibration text, in independent chunks."""
+    from ferry.model.forward import forward
+
+    ids = engine.tokenizer(TEXT.read_text(encoding="utf-8"))["input_ids"]
+    engine._prepare_context(CHUNK, 0)
+    total, count = 0.0, 0
+    for lo in range(0, len(ids) - 1, CHUNK):
+        chunk = torch.tensor(ids[lo:lo + CHUNK], dtype=torch.long)
+        engine.cache.reset()
+        with torch.no_grad():
+            logits = forward(engine.config, engine.weights, engine.rope, engine.cache, chunk, 0, all_logits=True)
+        logp = torch.log_softmax(logits[:-1], dim=-1).gather(1, chunk[1:, None])
+        total, count = total - float(logp.sum()), count + len(chunk) - 1
+    return total / count
+
+
+def all_streamed_budget(engine) -> int:
+    """A device budget that keeps no layer resident: fixed costs plus the streaming slots."""
+    p = engine.plan
+    fixed = p.kv_cache_bytes + p.workspace_bytes + p.norm_bytes + (p.lm_head_bytes or p.embed_bytes)
+    return fixed + p.prefetch_depth * p.layer_bytes
+
+
+def quant_options(method: str) -> dict:
+    name, _, group = method.partition(":")
+    return dict(quant=name, quant_group=int(group) if group else 128)
+
+
+def streamed_bytes(method: str, budget: int, prompts: list[str], new_tokens: int, common: dict) -> tuple[float, int, int]:
+    """(measured bytes per new token, the plan's bytes per dense token, streamed layers)."""
+    engine = ferry.load(**common, **quant_options(method), gpu_memory=budget, link_gbps=1000.0)
+    per_token = [engine.generate(p, max_new_tokens=new_tokens, ignore_eos=True).stats.h2d_bytes_per_token
+                 for p in prompts]
+    out = statistics.mean(per_token), engine.plan.link_bytes["full_pass"], len(engine.plan.streamed_layers)
+    engine.close()
+    return out
+
+
+def evaluate(engine, reference_engine, prompts, reference, new_tokens) -> dict:
+    agree, nll_own, nll_ref, tps = [], [], [], []
+    for prompt, ref in zip(prompts, reference):
+        out = engine.generate(prompt, max_new_tokens=new_tokens)
+        agree.append(agreement(out.token_ids, ref))
+        nll_own.append(continuation_nll(reference_engine, prompt, out.token_ids))
+        nll_ref.append(continuation_nll(engine, prompt, ref))
+        tps.append(out.stats.tokens_per_s)
+    return {"text_nll": text_nll(engine), "agreement": statistics.mean(agree), "nll": statistics.mean(nll_own),
+            "nll_of_bf16_text": statistics.mean(nll_ref), "decode_tokens_per_s": statistics.median(tps)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
+    parser.add_argument("--stream-prompts", type=int, default=4, help="prompts for the streamed byte count")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="none, int8, int4, or int4:GROUP")
+    args = parser.parse_args()
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
+    prompts = [r["prompt"] for r in rows][: args.limit or None]
+    common = dict(dtype="bf16", device="cpu", ctx=512, progress=False)
+    engines = {m: ferry.load(**common, **quant_options(m)) for m in ["none", *[m for m in args.methods if m != "none"]]}
+    bf16 = engines["none"]
+    reference = [bf16.generate(p, max_new_tokens=args.new_tokens).token_ids for p in prompts]
+    results = []
+    print(f"SmolLM2-135M-Instruct, {len(prompts)} prompts, {args.new_tokens} new tokens, greedy, bf16 compute, "
+          f"CPU ({torch.get_num_threads()} threads); groups of {[e.plan.quant_group for e in engines.values()]} values")
+    print(f"{'weights':9}{'plan B/tok':>12}{'measured':>12}{'vs bf16':>9}{'text NLL':>10}{'change':>9}"
+          f"{'NLL':>8}{'change':>9}{'NLL(bf16 text)':>16}{'change':>9}{'agree':>7}{'tok/s':>7}")
+    for method, engine in engines.items():
+        t0 = time.perf_counter()
+        measured, planned, streamed = streamed_bytes(method, all_streamed_budget(engine), prompts[: args.stream_prompts],
+                                                     args.new_tokens, common)
+        row = {"quant": method, "group": engine.plan.quant_group, "plan_bytes_per_token": planned, "h2d_bytes_per_token": measured,
+               "streamed_layers": streamed, **evaluate(engine, bf16, prompts, reference, args.new_tokens)}
+        base = results[0] if results else row
+        row["bytes_vs_bf16"] = measured / base["h2d_bytes_per_token"]
+        row["nll_change"] = row["nll"] / base["nll"] - 1
+        row["nll_of_bf16_text_change"] = row["nll_of_bf16_text"] / base["nll_of_bf16_text"] - 1
+        row["text_nll_change"] = row["text_nll"] / base["text_nll"] - 1
+        row["minutes"] = (time.perf_counter() - t0) / 60
+        results.append(row)
+        print(f"{method:9}{planned / 1e6:10.1f}MB{measured / 1e6:10.1f}MB{row['bytes_vs_bf16']:9.3f}"
+              f"{row['text_nll']:10.3f}{row['text_nll_change']:+9.1%}{row['nll']:8.3f}{row['nll_change']:+9.1%}{row['nll_of_bf16_text']:16.3f}"
+              f"{row['nll_of_bf16_text_change']:+9.1%}{row['agreement']:7.3f}{row['decode_tokens_per_s']:7.1f}",
+              flush=True)
+    print(json.dumps({"bench": "quant_quality", "model": "SmolLM2-135M-Instruct", "prompts": len(prompts),
+                      "new_tokens": args.new_tokens, "dtype": "bf16",
+                      "results": results}))
+
+
+if __name__ == "__main__":
+    main()
