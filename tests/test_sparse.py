@@ -70,3 +70,16 @@ def test_gather_rows_kernel_matches_torch(dtype):
 def test_gather_rows_rejects_mismatched_buffers():
     with pytest.raises(ValueError):
         gather_rows(torch.randn(4, 3), torch.arange(4), torch.empty(4, 3, dtype=torch.float16))
+
+
+def test_parallel_kernels_leave_torchs_thread_count_alone():
+    from ferry.kernels.gather import gather_rows
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        src = torch.randn(4096, 64)
+        gather_rows(src, torch.randperm(4096), torch.empty_like(src))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

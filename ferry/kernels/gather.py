@@ -11,6 +11,8 @@ import numba
 import numpy as np
 import torch
 
+from ferry.kernels.threads import run_parallel
+
 
 @numba.njit(parallel=True, cache=True)
 def _gather_bytes(src: np.ndarray, index: np.ndarray, out: np.ndarray) -> None:
@@ -31,9 +33,5 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> to
     row_bytes = src.shape[1] * src.element_size()
     src_b = src.view(torch.uint8).numpy().reshape(src.shape[0], row_bytes)
     out_b = out.view(torch.uint8).numpy().reshape(out.shape[0], row_bytes)
-    threads = torch.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    _gather_bytes(src_b, index.numpy().astype(np.int64, copy=False), out_b)
-    if torch.get_num_threads() != threads:  # numba's OpenMP layer can resize the pool torch shares
-        torch.set_num_threads(threads)
+    run_parallel(_gather_bytes, src_b, index.numpy().astype(np.int64, copy=False), out_b)
     return out

@@ -24,6 +24,8 @@ import numba
 import numpy as np
 import torch
 
+from ferry.kernels.threads import run_parallel
+
 QMAX = {8: 127, 4: 7}
 BACKEND: str | None = None  # None: automatic; "torch" or "numba" forces one
 
@@ -167,10 +169,12 @@ def dequantize_numba(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: 
     group = out.shape[-1] // scales.shape[-1]
     c, s = _np3(codes), _np3(scales, torch.int16).view(np.uint16)
     parallel = out.numel() >= PARALLEL_MIN_VALUES
-    if out.dtype == torch.bfloat16:
-        _KERNELS["bf16", parallel](c, s, bits, group, _np3(out, torch.int16).view(np.uint16))
+    dst = _np3(out, torch.int16).view(np.uint16) if out.dtype == torch.bfloat16 else _np3(out)
+    kernel = _KERNELS["bf16" if out.dtype == torch.bfloat16 else "f32", parallel]
+    if parallel:
+        run_parallel(kernel, c, s, bits, group, dst)
     else:
-        _KERNELS["f32", parallel](c, s, bits, group, _np3(out))
+        kernel(c, s, bits, group, dst)
     return out
 
 

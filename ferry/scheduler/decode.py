@@ -42,7 +42,7 @@ class Passes:
     """The forward passes a decode loop can run: full weights, or the sparse selection.
 
     sparse_resident: the sparse weights are all on the device and bypass the fetch queue
-    (`ResidentPass`), so sparse steps may run between the layers of a full pass, and the
+    (a resident `PassView`), so sparse steps may run between the layers of a full pass, and the
     prefetch hints name full passes only.
     """
 
