@@ -14,8 +14,7 @@ from typing import Iterator
 import torch
 
 from ferry.errors import FerryError
-from ferry.kernels.reference import rope_tables
-from ferry.model.forward import Rope
+from ferry.model.rope import rope_for
 from ferry.model.quant import QuantConfig
 from ferry.offload.checkpoint import open_checkpoint
 from ferry.offload.loader import load_model
@@ -25,13 +24,14 @@ from ferry.offload.transfer import CudaLink, EmulatedLink, InOrderLink
 from ferry.model.forward import forward
 from ferry.offload.streaming import FULL, SPARSE, PassView
 from ferry.scheduler.adaptive import ConfidenceTuner
-from ferry.scheduler.calibrate import load_or_calibrate, thresholds_for
+from ferry.sparse.calibrate import load_or_calibrate, thresholds_for
 from ferry.scheduler.correction import CorrectionConfig, decode_sirius
 from ferry.scheduler.decode import DecodeStats, Passes, decode_stepwise
-from ferry.scheduler.kv_cache import KVCache
+from ferry.model.kv_cache import KVCache
 from ferry.scheduler.sampling import Sampler, SamplingConfig
 from ferry.sparse.config import SparsityConfig
-from ferry.sparse.griffin import griffin_order, griffin_scores, kept_neurons
+from ferry.offload.accounting import kept_neurons
+from ferry.sparse.griffin import griffin_order, griffin_scores
 from ferry.text import Detokenizer, encode_prompt
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -146,7 +146,7 @@ class Engine:
             self.tuner = ConfidenceTuner(self.correction.period - 1, self.sparse_cost_ratio(),
                                          fixed=self.correction.draft_confidence)
         self.cache: KVCache | None = None
-        self.rope: Rope | None = None
+        self.rope = None
         self.profiler = None  # set by ferry.profiler around a profiled generation
 
     def sparse_cost_ratio(self) -> float:
@@ -311,8 +311,7 @@ class Engine:
                 f"the prompt has {prompt_len} tokens, more than the context of {limit} tokens{hint}")
         if self.cache is None or self.cache.capacity < need:
             self.cache = KVCache(self.config, need, self.dtype, self.device)
-            cos, sin = rope_tables(self.config.rope, self.config.head_dim, need, self.dtype, self.device)
-            self.rope = Rope(cos, sin)
+            self.rope = rope_for(self.config, need, self.dtype, self.device)
 
 
 def load(

@@ -9,7 +9,7 @@ import pytest
 
 from ferry.errors import FerryError
 from ferry.model.config import ModelConfig
-from ferry.offload.costmodel import (GPUS, KEYS, Gpu, costs_for_plan, implied_aal,
+from ferry.offload.costmodel import (GPUS, KEYS, Gpu, implied_aal,
                                      predict_for_plan, resolve_gpu)
 from ferry.offload.planner import GiB, make_plan
 from ferry.offload.sources import resolve_config
@@ -122,9 +122,9 @@ def test_resident_model_is_memory_bound():
     plan = list(plans())[-1]  # 200 GiB: everything resident
     gpu = Gpu("test", memory_gbps=1000, link_gbps=25)
     p = predict_for_plan(plan, gpu)
-    reads = costs_for_plan(plan)
+    reads = plan.step_bytes
     assert plan.link_bytes["full_pass"] == 0 and p["dense"].bound == "memory"
-    assert p["dense"].s_per_token == pytest.approx((80 * reads.layer_bytes + reads.head_bytes) / 1e12)
+    assert p["dense"].s_per_token == pytest.approx(reads.full_read / 1e12)
     assert p["sirius_published"].bound == "link"  # it streams every layer whatever the budget
 
 

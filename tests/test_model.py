@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny_hf_model
-from ferry.kernels.reference import rope_tables
-from ferry.model.forward import Rope, decode_one, forward, forward_chunk, prefill
+from ferry.model.forward import decode_one, forward, forward_chunk, prefill
 from ferry.offload.checkpoint import open_checkpoint
 from ferry.offload.loader import load_model
 from ferry.offload.planner import make_plan
 from ferry.offload.transfer import InOrderLink
 from ferry.scheduler.decode import DecodeStats, Passes, decode_stepwise
-from ferry.scheduler.kv_cache import KVCache
+from ferry.model.kv_cache import KVCache
+from ferry.model.rope import rope_for
 
 
 def streaming_budget(cfg, resident: int, depth: int, ctx: int = 64) -> int:
@@ -34,7 +34,7 @@ def load_tiny(folder, capacity: int = 64, budget: int = 1 << 40, depth: int = 2,
                      ctx=capacity, prefetch_depth=depth).check()
     weights, _ = load_model(ckpt, plan, torch.float32, torch.device("cpu"), link or InOrderLink(),
                             pipelined=pipelined, progress=False)
-    rope = Rope(*rope_tables(cfg.rope, cfg.head_dim, capacity, torch.float32, "cpu"))
+    rope = rope_for(cfg, capacity, torch.float32, "cpu")
     return cfg, weights, rope, KVCache(cfg, capacity, torch.float32, torch.device("cpu"))
 
 

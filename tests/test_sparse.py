@@ -8,7 +8,8 @@ import torch
 
 from ferry.kernels.gather import gather_rows, gather_rows_reference
 from ferry.sparse.cats import cats_mask, sample_abs, threshold_for
-from ferry.sparse.griffin import griffin_order, griffin_scores, kept_neurons
+from ferry.offload.accounting import kept_neurons
+from ferry.sparse.griffin import griffin_order, griffin_scores
 
 
 def test_griffin_scores_match_the_definition():

@@ -15,14 +15,8 @@ import torch.nn.functional as F
 from ferry.kernels.reference import apply_rope, bundled_mlp, rms_norm
 from ferry.model.config import ModelConfig
 from ferry.model.weights import LayerWeights, ModelWeights
-from ferry.scheduler.kv_cache import KVCache
-
-
-class Rope:
-    """cos/sin tables for every position the KV cache can hold."""
-
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
-        self.cos, self.sin = cos, sin  # [capacity, head_dim]
+from ferry.model.kv_cache import KVCache
+from ferry.model.rope import Rope
 
 
 def attention_mask(start: int, s: int, lo: int, window: int | None, device) -> torch.Tensor:

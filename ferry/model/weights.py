@@ -11,11 +11,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 import torch
 
 from ferry.model.config import ModelConfig
+
+
+class Kind(str, Enum):
+    """Which weights a forward pass uses: FULL, every MLP neuron (prefill, dense steps, the
+    correction pass); SPARSE, only the selected neurons. Compares equal to its value."""
+
+    FULL = "full"
+    SPARSE = "sparse"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)

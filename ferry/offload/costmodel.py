@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ferry.errors import FerryError
+from ferry.offload.accounting import StepBytes
 from ferry.offload.planner import GiB, Plan, fmt_bytes
 
 PCIE_GBPS = {3: 12.5, 4: 25.0, 5: 50.0}  # achievable host->device GB/s of an x16 slot, by generation
@@ -73,26 +74,6 @@ def resolve_gpu(name: str = "rtx4090", *, memory_bytes: int | None = None, memor
 
 
 @dataclass(frozen=True)
-class Costs:
-    """Bytes of one model under a plan: what moves and what is read, per kind of pass."""
-
-    layers: int
-    layer_bytes: int  # one whole layer
-    prefix_bytes: int  # attention + selected neurons of one layer (= layer_bytes when dense)
-    head_bytes: int  # lm_head + final norm, read every pass
-    full_pass_link: int  # bytes a full pass moves under the plan
-    sparse_step_link: int  # bytes a sparse step moves under the plan
-
-
-def costs_for_plan(plan: Plan) -> Costs:
-    """The byte counts the predictions need, all read from the plan (dtype and quantization included)."""
-    return Costs(
-        layers=len(plan.resident_layers) + len(plan.streamed_layers), layer_bytes=plan.layer_bytes,
-        prefix_bytes=plan.prefix_bytes, head_bytes=(plan.lm_head_bytes or plan.embed_bytes) + plan.norm_bytes,
-        full_pass_link=plan.link_bytes["full_pass"], sparse_step_link=plan.link_bytes["sparse_step"])
-
-
-@dataclass(frozen=True)
 class Estimate:
     s_per_token: float
     bytes_per_token: float  # host->device bytes per committed token
@@ -116,7 +97,7 @@ def _cycle(passes: list[tuple[int, _Pass]], tokens: float, gpu: Gpu, schedule: s
     return Estimate(total / tokens, moved / tokens, "link" if link_s >= read_s else "memory")
 
 
-def predict(c: Costs, gpu: Gpu, period: int = 16, aal: float | None = None,
+def predict(c: StepBytes, gpu: Gpu, period: int = 16, aal: float | None = None,
             schedule: str = "pipelined") -> dict[str, Estimate]:
     """dense and sparse decoding and Sirius ("ferry") under the plan's residency and `schedule`;
     Sirius as published: serial with device-wide synchronizes, every layer streaming (its sparse
@@ -127,19 +108,19 @@ def predict(c: Costs, gpu: Gpu, period: int = 16, aal: float | None = None,
         raise FerryError(f"need period >= 1 and 0 < AAL <= period, got period {period}, AAL {aal}")
     if schedule not in SCHEDULES:
         raise FerryError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    n, syncs = c.layers, 2 * c.layers if schedule == "published" else 0
-    full_read, sparse_read = n * c.layer_bytes + c.head_bytes, n * c.prefix_bytes + c.head_bytes
-    full, sparse = _Pass(c.full_pass_link, full_read, syncs), _Pass(c.sparse_step_link, sparse_read, syncs)
+    n = c.layers
+    syncs = 2 * n if schedule == "published" else 0
+    full, sparse = _Pass(c.full_link, c.full_read, syncs), _Pass(c.sparse_link, c.sparse_read, syncs)
     dense = _cycle([(1, full)], 1, gpu, schedule)
-    published = [(period - 1, _Pass(n * c.prefix_bytes, sparse_read, 2 * n)),
-                 (1, _Pass(n * c.layer_bytes, full_read, 2 * n))]
+    published = [(period - 1, _Pass(c.sparse_read - c.head_bytes, c.sparse_read, 2 * n)),
+                 (1, _Pass(c.full_read - c.head_bytes, c.full_read, 2 * n))]
     return {
         "dense": dense,
         "sparse": _cycle([(1, sparse)], 1, gpu, schedule),
         "sirius_published": _cycle(published, aal, gpu, "published"),
         # Without sparsity ferry decodes densely (there is nothing to correct).
         "ferry": _cycle([(period - 1, sparse), (1, full)], aal, gpu, schedule)
-        if c.prefix_bytes < c.layer_bytes else dense,
+        if c.sparse_read < c.full_read else dense,
     }
 
 
@@ -147,7 +128,7 @@ def predict_for_plan(plan: Plan, gpu: Gpu, *, period: int = 16, aal: float | Non
                      schedule: str = "pipelined") -> dict[str, Estimate]:
     """The predictions for a plan as `make_plan` (or a loaded engine's `.plan`) gives it: what
     `ferry plan` prints, and what measurements are set beside."""
-    return predict(costs_for_plan(plan), gpu, period, aal, schedule)
+    return predict(plan.step_bytes, gpu, period, aal, schedule)
 
 
 def implied_aal(dense_s: float, sparse_s: float, sirius_s: float, period: int) -> float:

@@ -17,7 +17,9 @@ from ferry.model.config import ModelConfig
 from ferry.model.quant import QuantConfig, QuantLayout
 from ferry.model.weights import LayerLayout, LayerWeights, ModelWeights
 from ferry.offload.checkpoint import Checkpoint, TensorReader
+from ferry.offload.pack import pack_layer
 from ferry.offload.planner import Plan
+from ferry.offload.quant_store import load_quantized_layers
 from ferry.offload.streaming import FULL, LayerExecutor, PassView
 from ferry.offload.transfer import host_empty
 from ferry.kernels.quant import pick_backend
@@ -29,23 +31,6 @@ class LoadReport:
     pinned: bool
     peak_rss_bytes: int  # highest resident set size sampled while loading
     rss_before_bytes: int
-
-
-def pack_layer(cfg: ModelConfig, layout: LayerLayout, get, prefix: str, flat: torch.Tensor) -> None:
-    """Copy one checkpoint layer into its flat buffer (casting to the buffer's dtype)."""
-    w: LayerWeights = layout.views(flat)
-    bundle = w.mlp[0]
-    attn, q, kv = prefix + "self_attn.", cfg.q_size, cfg.kv_size
-    w.attn_norm.copy_(get(prefix + "input_layernorm.weight"))
-    for rows, name in ((slice(0, q), "q"), (slice(q, q + kv), "k"), (slice(q + kv, q + 2 * kv), "v")):
-        w.qkv[rows].copy_(get(f"{attn}{name}_proj.weight"))
-        if w.qkv_bias is not None:
-            w.qkv_bias[rows].copy_(get(f"{attn}{name}_proj.bias"))
-    w.o.copy_(get(attn + "o_proj.weight"))
-    w.mlp_norm.copy_(get(prefix + "post_attention_layernorm.weight"))
-    bundle[:, 0].copy_(get(prefix + "mlp.gate_proj.weight"))
-    bundle[:, 1].copy_(get(prefix + "mlp.up_proj.weight"))
-    bundle[:, 2].copy_(get(prefix + "mlp.down_proj.weight").t())  # down columns become rows
 
 
 def _load_layers(checkpoint, layout, reader, streamed, dtype, device, pin, progress):
@@ -81,8 +66,6 @@ def load_model(
     streamed = set(plan.streamed_layers)
     qlayout = QuantLayout.for_config(cfg, quant) if quant.enabled else None
     if qlayout is not None:
-        from ferry.offload.quant_store import load_quantized_layers
-
         resident, host, peak = load_quantized_layers(checkpoint, qlayout, streamed, device, pin, progress)
     else:
         resident, host, peak = _load_layers(checkpoint, layout, reader, streamed, dtype, device, pin, progress)

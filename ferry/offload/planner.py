@@ -18,7 +18,7 @@ from ferry.errors import FerryError
 from ferry.model.config import ModelConfig
 from ferry.model.quant import QuantConfig, QuantLayout
 from ferry.model.weights import LayerLayout
-from ferry.sparse.griffin import kept_neurons
+from ferry.offload.accounting import StepBytes, kept_neurons, link_bytes
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -78,6 +78,12 @@ class Plan:
     @property
     def num_layers(self) -> int:
         return len(self.resident_layers) + len(self.streamed_layers)
+
+    @property
+    def step_bytes(self) -> StepBytes:
+        """Bytes each kind of pass moves and reads under this plan (what the cost model prices)."""
+        head = (self.lm_head_bytes or self.embed_bytes) + self.norm_bytes
+        return StepBytes.of(self.num_layers, self.layer_bytes, self.prefix_bytes, head, self.link_bytes)
 
     @property
     def fits(self) -> bool:
@@ -166,16 +172,14 @@ def make_plan(
             f"{fmt_bytes(layer)}{'' if embed_on_device else ', embeddings'}"
             f"{', the CPU device tier' if device == 'cpu' else ''}), "
             f"{fmt_bytes(host_available_bytes)} available")
-    row = 0 if embed_on_device else h * b
-    full_pass = (len(streamed) - n_prefix) * layer + n_prefix * (layer - prefix) + row
-    sparse_step = (len(streamed) - n_prefix) * prefix + row if row_sparse else full_pass
+    moved = link_bytes(layer, prefix, len(streamed), n_prefix, 0 if embed_on_device else h * b, row_sparse)
     return Plan(
         device=device, dtype_bytes=b, ctx=ctx, prefetch_depth=prefetch_depth, budget_bytes=budget_bytes,
         host_available_bytes=host_available_bytes, layer_bytes=layer,
         resident_layers=tuple(range(n_resident)), streamed_layers=streamed, kv_cache_bytes=kv,
         workspace_bytes=workspace, lm_head_bytes=lm_head, norm_bytes=norm, embed_bytes=embed,
         embed_on_device=embed_on_device, slot_count=slots, device_bytes=device_bytes,
-        host_bytes=host_bytes, link_bytes={"full_pass": full_pass, "sparse_step": sparse_step},
+        host_bytes=host_bytes, link_bytes=moved,
         problems=tuple(problems), sparsity=sparsity, prefix_layers=prefix_layers, prefix_bytes=prefix,
         sparse_method=sparse_method, quant=quant.method, quant_group=store.group if quant.enabled else 0,
     )

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ferry.model.quant import QuantLayout, quantize_layer
 from ferry.offload.checkpoint import Checkpoint, TensorReader
+from ferry.offload.pack import pack_layer
 from ferry.offload.sources import cache_dir
 from ferry.offload.transfer import host_empty
 
@@ -87,8 +88,6 @@ class _Quantizer:
         self.scratch = torch.empty(q.base.numel, dtype=torch.float32)
 
     def __call__(self, i: int, out: torch.Tensor) -> None:
-        from ferry.offload.loader import pack_layer
-
         pack_layer(self.checkpoint.config, self.q.base, self.reader.get, f"model.layers.{i}.", self.scratch)
         quantize_layer(self.q, self.scratch, out)
         self.reader.close()  # drop the file mappings so their pages leave our resident set

@@ -13,9 +13,10 @@ from typing import Callable, Iterator
 import torch
 
 from ferry.model.config import ModelConfig
-from ferry.model.forward import Rope, forward, forward_layers, run_layers
+from ferry.model.forward import forward, forward_layers, run_layers
+from ferry.model.rope import Rope
 from ferry.model.weights import ModelWeights
-from ferry.scheduler.kv_cache import KVCache
+from ferry.model.kv_cache import KVCache
 
 Sampler = Callable[[torch.Tensor], int]
 

@@ -11,9 +11,6 @@ from __future__ import annotations
 import torch
 
 
-def kept_neurons(intermediate_size: int, sparsity: float) -> int:
-    return max(1, round((1 - sparsity) * intermediate_size))
-
 
 def griffin_scores(z: torch.Tensor) -> torch.Tensor:
     """z [T, I] -> neuron scores [I] (fp32)."""

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ferry.kernels.reference import rope_tables
-from ferry.model.forward import Rope, forward
+from ferry.model.forward import forward
 from ferry.offload.sources import cache_dir
-from ferry.scheduler.kv_cache import KVCache
+from ferry.model.kv_cache import KVCache
+from ferry.model.rope import rope_for
 from ferry.sparse.cats import MAX_SAMPLES, sample_abs
 
-CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "sparse" / "calibration.txt"
+CALIBRATION_TEXT = Path(__file__).resolve().parent / "calibration.txt"
 CHUNK_TOKENS = 256
 LEVELS = 100  # quantiles at 0%, 1%, ..., 100%
 
@@ -46,7 +46,7 @@ def quantile_table(cfg, weights, tokenizer, dtype, device, progress: bool = True
     ids = tokenizer(CALIBRATION_TEXT.read_text(encoding="utf-8"))["input_ids"]
     chunks = [ids[i:i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)]
     cache = KVCache(cfg, CHUNK_TOKENS, dtype, device)
-    rope = Rope(*rope_tables(cfg.rope, cfg.head_dim, CHUNK_TOKENS, dtype, device))
+    rope = rope_for(cfg, CHUNK_TOKENS, dtype, device)
     per_chunk = MAX_SAMPLES // max(1, len(chunks))
     samples: list[list[torch.Tensor]] = [[] for _ in range(cfg.num_layers)]
 

@@ -1,0 +1,79 @@
+"""Bytes and parameters per step: the one place they are counted.
+
+The planner places bytes with these counts, the cost model turns them into seconds, generation
+statistics report `d_sparse` and effective density from them, and the adaptive period's tuner
+weighs a sparse step against a full pass with `sparse_cost_ratio`.
+
+Two currencies:
+- bytes, as the plan lays them out (dtype or packed integers): what crosses the link per pass
+  under the plan's residency, and what a pass reads from device memory;
+- parameters, independent of storage: `d_sparse`, the fraction of the model a sparse step reads
+  (attention, the MLP rows it uses, lm_head; embeddings not counted), the paper's figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ferry.model.config import ModelConfig
+
+
+def kept_neurons(intermediate_size: int, sparsity: float) -> int:
+    """Neurons a Griffin sparse step keeps per layer: round((1 - sparsity) * I), at least one."""
+    return max(1, round((1 - sparsity) * intermediate_size))
+
+
+def mlp_density(cfg: ModelConfig, sparsity: float, method: str) -> float:
+    """Fraction of MLP neurons a sparse step uses (Griffin rounds to whole neurons)."""
+    if method == "griffin":
+        return kept_neurons(cfg.intermediate_size, sparsity) / cfg.intermediate_size
+    return 1 - sparsity
+
+
+def d_sparse(cfg: ModelConfig, sparsity: float, method: str) -> float:
+    """Fraction of parameters a sparse step reads. CATS reads every gate row (to decide) and
+    the kept up/down rows; Griffin reads only the kept neurons."""
+    h = cfg.hidden_size
+    attn = h * (cfg.q_size + 2 * cfg.kv_size) + h * cfg.q_size
+    mlp = 3 * h * cfg.intermediate_size
+    keep = mlp_density(cfg, sparsity, method)
+    used = mlp * keep if method == "griffin" else mlp * (1 + 2 * keep) / 3
+    head = cfg.vocab_size * h
+    return (cfg.num_layers * (attn + used) + head) / (cfg.num_layers * (attn + mlp) + head)
+
+
+def link_bytes(layer: int, prefix: int, streamed: int, prefix_resident: int, embed_row: int,
+               row_sparse: bool) -> dict[str, int]:
+    """Bytes one pass moves host -> device: a full pass moves whole streamed layers (only the
+    complement of a resident prefix), a sparse step the selected prefix of the layers whose
+    prefix is not resident (whole layers when selection is per token). embed_row: the input
+    embedding row when the embeddings stay in host memory."""
+    full = (streamed - prefix_resident) * layer + prefix_resident * (layer - prefix) + embed_row
+    sparse = (streamed - prefix_resident) * prefix + embed_row if row_sparse else full
+    return {"full_pass": full, "sparse_step": sparse}
+
+
+@dataclass(frozen=True)
+class StepBytes:
+    """Per kind of pass: bytes crossing the link and bytes read from device memory."""
+
+    layers: int
+    head_bytes: int  # lm_head and final norm, read by every pass
+    full_link: int
+    sparse_link: int
+    full_read: int  # every layer, lm_head and final norm
+    sparse_read: int  # attention + selected neurons of every layer, lm_head and final norm
+
+    @classmethod
+    def of(cls, layers: int, layer_bytes: int, prefix_bytes: int, head_bytes: int,
+           link: dict[str, int]) -> "StepBytes":
+        return cls(layers, head_bytes, link["full_pass"], link["sparse_step"], layers * layer_bytes + head_bytes,
+                   layers * prefix_bytes + head_bytes)
+
+
+def sparse_cost_ratio(step: StepBytes, d_sparse_fraction: float) -> float:
+    """Cost of a sparse step relative to a full pass: link bytes when the full pass streams
+    weights (the link is then the bottleneck), else the fraction of parameters it reads."""
+    if step.full_link > 0:
+        return step.sparse_link / step.full_link
+    return d_sparse_fraction
