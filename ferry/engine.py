@@ -22,7 +22,8 @@ from ferry.offload.planner import OffloadConfig, Plan, default_budgets, make_pla
 from ferry.offload.sources import resolve_model
 from ferry.offload.transfer import CudaLink, EmulatedLink, InOrderLink
 from ferry.model.forward import forward
-from ferry.offload.streaming import FULL, SPARSE, PassView
+from ferry.offload.executor import PassView
+from ferry.scheduler.schedule import FULL, SPARSE
 from ferry.scheduler.adaptive import ConfidenceTuner
 from ferry.sparse.calibrate import load_or_calibrate, thresholds_for
 from ferry.scheduler.correction import CorrectionConfig, decode_sirius

@@ -25,7 +25,8 @@ import psutil
 import torch
 
 from ferry.offload.costmodel import GPUS, Gpu, predict_for_plan
-from ferry.offload.streaming import FULL, SPARSE, PassView
+from ferry.model.weights import Kind
+from ferry.offload.executor import PassView
 from ferry.offload.transfer import copy_gbps, make_clock
 
 PHASES = ("prefill", "sparse_step", "full_pass", "speculative_step")
@@ -58,18 +59,18 @@ class Recorder:
 class TimedPassView(PassView):
     """A PassView that marks its pass and layers on the recorder's clock."""
 
-    def __init__(self, executor, kind: str, rec: Recorder):
+    def __init__(self, executor, kind: Kind, rec: Recorder):
         super().__init__(executor, kind)
         self.rec, self.mark = rec, rec.clock.mark
         self._ready: tuple = ()
 
     def begin(self) -> None:
         start = self.mark()
-        phase = "prefill" if not self.rec.passes else ("full_pass" if self.kind == FULL else "sparse_step")
-        if self.kind == SPARSE and self.rec.open_full is not None:
+        phase = "prefill" if not self.rec.passes else ("full_pass" if self.kind == Kind.FULL else "sparse_step")
+        if self.kind == Kind.SPARSE and self.rec.open_full is not None:
             phase = "speculative_step"  # runs between the layers of a streaming full pass
         marks = self._marks = PassMarks(phase, start)
-        if self.kind == FULL:
+        if self.kind == Kind.FULL:
             self.rec.open_full = marks
         self.rec.passes.append(marks)
         super().begin()
@@ -101,8 +102,8 @@ class Profiler:
 
     def views(self, full, sparse):
         ex = full.layers.executor
-        return (replace(full, layers=TimedPassView(ex, FULL, self.rec)),
-                replace(sparse, layers=TimedPassView(ex, SPARSE, self.rec)))
+        return (replace(full, layers=TimedPassView(ex, Kind.FULL, self.rec)),
+                replace(sparse, layers=TimedPassView(ex, Kind.SPARSE, self.rec)))
 
 
 @dataclass

@@ -52,7 +52,7 @@ def test_streamed_logits_equal_resident(family, resident_layers, depth, link, pi
     chan = InOrderLink() if link == "inorder" else EmulatedLink(50.0)
     cfg, streamed, rope, cache = load_tiny(folder, resident=resident_layers, depth=depth, link=chan,
                                            pipelined=pipelined)
-    assert len(streamed.layers.executor.order) == cfg.num_layers - resident_layers
+    assert len(streamed.layers.executor.store.order) == cfg.num_layers - resident_layers
     got = greedy(cfg, streamed, rope, cache, prompt_ids(9))
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     chan.close()

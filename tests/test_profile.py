@@ -9,7 +9,7 @@ import pytest
 
 import ferry
 from ferry.cli import main
-from ferry.offload.streaming import PassView
+from ferry.offload.executor import PassView
 from ferry.profiler import TimedPassView, predict_run, profile_generation, summarize
 from ferry.profile_report import chrome_trace, format_report
 from test_model import streaming_budget

@@ -11,11 +11,12 @@ import torch
 import ferry
 from ferry.cli import main
 from ferry.model.config import ModelConfig
+from ferry.model.weights import Kind
 from ferry.offload.planner import make_plan
 from ferry.offload.sources import resolve_config
 from ferry.scheduler.correction import CorrectionConfig, decode_sirius
 from ferry.scheduler.decode import DecodeStats
-from ferry.scheduler.schedule import FULL, SPARSE, chunk_schedule, spread
+from ferry.scheduler.schedule import chunk_schedule, spread
 from test_correction import EOS, PROMPTS, MockPasses, truth
 
 LLAMA_70B = Path(__file__).parent / "data" / "llama-3.1-70b-config.json"
@@ -49,10 +50,10 @@ def test_resident_sparse_set_streams_only_the_complement_during_the_full_pass():
     assert len(plan.prefix_layers) == plan.num_layers - len(plan.resident_layers) > 0
     steps = chunk_schedule(plan, sparse_steps=15, speculative=15)
     moved = copies(steps)
-    assert all(c.kind == FULL and c.span == (plan.prefix_bytes, plan.layer_bytes) for c in moved)
+    assert all(c.kind == Kind.FULL and c.span == (plan.prefix_bytes, plan.layer_bytes) for c in moved)
     assert sorted(c.layer for c in moved) == sorted(plan.streamed_layers)  # each once per chunk
-    assert len(computes(steps, kind=SPARSE, speculative=False)) == 15 * plan.num_layers
-    assert all(c.slot is None for c in computes(steps, kind=SPARSE))
+    assert len(computes(steps, kind=Kind.SPARSE, speculative=False)) == 15 * plan.num_layers
+    assert all(c.slot is None for c in computes(steps, kind=Kind.SPARSE))
     # The first `depth` fetches of the next chunk are issued during this chunk's full pass, so
     # they are in flight while the next chunk's sparse steps run.
     assert [c.carried for c in moved].count(True) == plan.prefetch_depth
@@ -71,7 +72,7 @@ def test_pipelined_issues_each_fetch_depth_ahead_and_serial_fetches_on_demand():
             nxt = serial[i + 1]
             assert (nxt.track, nxt.kind, nxt.layer, nxt.slot) == ("compute", step.kind, step.layer, step.slot)
     # Published-style residency: a sparse step streams every layer's selected prefix.
-    sparse_fetches = [c for c in copies(serial) if c.kind == SPARSE]
+    sparse_fetches = [c for c in copies(serial) if c.kind == Kind.SPARSE]
     assert len(sparse_fetches) == 2 * len(plan.streamed_layers)
     assert all(c.span == (0, plan.prefix_bytes) for c in sparse_fetches)
 
@@ -80,8 +81,8 @@ def test_speculative_steps_are_interleaved_with_the_full_pass():
     plan = plan_70b(100)
     steps = chunk_schedule(plan, sparse_steps=16, speculative=15)
     order = [(s.kind, s.speculative) for s in steps if s.track == "compute"]
-    first_full = order.index((FULL, False))
-    assert all(o == (SPARSE, False) for o in order[:first_full])
+    first_full = order.index((Kind.FULL, False))
+    assert all(o == (Kind.SPARSE, False) for o in order[:first_full])
     spec = [i for i, o in enumerate(order) if o[1]]
     assert len(spec) == 15 * plan.num_layers and spec[0] > first_full
     with pytest.raises(ValueError, match="resident"):
@@ -122,7 +123,7 @@ def run_chunk(engine, passes, drafts: int, speculative: int) -> None:
     speculative steps between its layers."""
     cache = passes.cache
     start = cache.length
-    passes.expect([SPARSE] * drafts + [FULL, SPARSE])
+    passes.expect([Kind.SPARSE] * drafts + [Kind.FULL, Kind.SPARSE])
     for _ in range(drafts):
         passes.sparse_step(3)
     counts = spread(speculative, engine.config.num_layers) if speculative else None
@@ -154,7 +155,7 @@ def test_executor_trace_matches_the_schedule(case, tiny_model_dir):
     engine._prepare_context(8, 40)
     ex = engine.executor
     engine._prefill(list(range(3, 11)), DecodeStats(), engine.weights)
-    resident = ex.moves_nothing(SPARSE)
+    resident = ex.moves_nothing(Kind.SPARSE)
     assert resident == case.startswith("prefixes")
     sparse = replace(engine.weights, layers=engine.sparse_weights.layers.as_resident()) if resident else engine.sparse_weights
     passes = Passes(cfg, engine.rope, engine.cache, engine.weights, sparse, ex.expect, sparse_resident=resident)

@@ -15,13 +15,13 @@ from tqdm import tqdm
 
 from ferry.model.config import ModelConfig
 from ferry.model.quant import QuantConfig, QuantLayout
-from ferry.model.weights import LayerLayout, LayerWeights, ModelWeights
+from ferry.model.weights import Kind, LayerLayout, LayerWeights, ModelWeights
 from ferry.offload.checkpoint import Checkpoint, TensorReader
 from ferry.offload.pack import pack_layer
 from ferry.offload.planner import Plan
 from ferry.offload.quant_store import load_quantized_layers
-from ferry.offload.streaming import FULL, LayerExecutor, PassView
-from ferry.offload.transfer import host_empty
+from ferry.offload.executor import LayerExecutor, PassView
+from ferry.offload.transfer import Link, host_empty
 from ferry.kernels.quant import pick_backend
 
 
@@ -53,7 +53,7 @@ def _load_layers(checkpoint, layout, reader, streamed, dtype, device, pin, progr
 
 
 def load_model(
-    checkpoint: Checkpoint, plan: Plan, dtype: torch.dtype, device: torch.device, link,
+    checkpoint: Checkpoint, plan: Plan, dtype: torch.dtype, device: torch.device, link: Link,
     pipelined: bool = True, progress: bool = True, quant: QuantConfig = QuantConfig(),
 ) -> tuple[ModelWeights, LoadReport]:
     """quant: the decoder layers' weights are quantized (once, cached on disk) and stay quantized
@@ -84,5 +84,5 @@ def load_model(
         store_bytes += embed.numel() * embed.element_size()
     pinned = pin and all(t.is_pinned() for t in host.values())
     report = LoadReport(store_bytes, pinned, peak, rss_before)
-    weights = ModelWeights(embed=embed, layers=PassView(executor, FULL), norm=norm, lm_head=lm_head)
+    weights = ModelWeights(embed=embed, layers=PassView(executor, Kind.FULL), norm=norm, lm_head=lm_head)
     return weights, report

@@ -3,6 +3,8 @@
 No other module touches streams or events. A `Link` copies a host tensor into a device buffer
 asynchronously and returns a ticket the compute side waits on; it counts every byte and the
 time the link was busy, and how long compute stalled waiting, so overlap can be reported.
+`Link` below is the protocol the executor and its slot pool are written against; three
+implementations satisfy it:
 
 - `CudaLink`: one copy stream; per-copy events order compute after copies and slot reuse after
   compute. Nothing calls a device-wide synchronize.
@@ -22,6 +24,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -69,6 +72,43 @@ class LinkStats:
     def minus(self, earlier: "LinkStats") -> "LinkStats":
         return LinkStats(self.bytes - earlier.bytes, self.copies - earlier.copies,
                          self.busy_s - earlier.busy_s, self.stall_s - earlier.stall_s)
+
+
+Ticket = Any  # what `copy` returns and `wait` takes: None, a threading.Event or a CUDA event
+Marker = Any  # what `compute_done` returns and `copy(after=)` takes: None or a CUDA event
+
+
+class Link(Protocol):
+    """Host -> device copies as the executor sees them, whichever link carries them."""
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Marker = None, tag: Any = None) -> Ticket:
+        """Start copying src into dst once the compute marked by `after` is done; `tag` names the
+        copy in the trace (the layer number)."""
+        ...
+
+    def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """A small copy on the compute side, not queued behind the prefetches (counted)."""
+        ...
+
+    def wait(self, ticket: Ticket) -> None:
+        """Make compute wait for the copy (on a GPU the host does not block)."""
+        ...
+
+    def finish(self, ticket: Ticket) -> None:
+        """Block the host until the copy is done (before its source is rewritten)."""
+        ...
+
+    def compute_done(self) -> Marker:
+        """A marker for the compute queued so far: a later copy `after` it may overwrite its inputs."""
+        ...
+
+    def stats(self) -> LinkStats: ...
+
+    def close(self) -> None: ...
+
+    def start_trace(self) -> None: ...
+
+    def stop_trace(self) -> list[tuple]: ...
 
 
 class _Traced:

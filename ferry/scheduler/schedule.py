@@ -1,13 +1,15 @@
 """The schedule as data: what one correction chunk computes, and what crosses the link when.
 
 A pure function of the memory plan and the chunk's shape (sparse steps before the full pass,
-speculative steps during it). The executor (`ferry/offload/streaming.py`) follows the same rules
-at run time: streamed (layer, kind) fetches form a queue in use order, fetch n goes to slot
-n % depth, and under the pipelined schedule fetch n + depth is issued as soon as compute
-releases fetch n, so a chunk's first fetches are issued while the previous chunk's full pass
-finishes and stay in flight while the resident sparse steps run; under the serial schedule each
-layer is fetched when needed and waited for. Tests compare the executor's recorded trace with
-this list, and `ferry plan --schedule` prints it.
+speculative steps during it). What a (layer, kind) moves is the executor's own rule,
+`ferry.offload.layer_store.fetch_span`, applied to the plan; the order is stated here
+independently of the executor (`ferry/offload/prefetch.py`): streamed (layer, kind) fetches
+form a queue in use order, fetch n goes to slot n % depth, and under the pipelined schedule
+fetch n + depth is issued as soon as compute releases fetch n, so a chunk's first fetches are
+issued while the previous chunk's full pass finishes and stay in flight while the resident
+sparse steps run; under the serial schedule each layer is fetched when needed and waited for.
+Tests compare the executor's recorded trace with this list, and `ferry plan --schedule` prints
+it.
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ferry.model.weights import Kind
+from ferry.offload.layer_store import Where
+from ferry.offload.layer_store import fetch_span as span_of
 from ferry.offload.planner import Plan, fmt_bytes
 
-FULL, SPARSE = "full", "sparse"
+FULL, SPARSE = Kind.FULL, Kind.SPARSE  # short names ferry/cli.py imports
 
 
 @dataclass(frozen=True)
 class Step:
     track: str  # "copy" (a fetch is issued) or "compute" (a layer of a pass runs)
-    kind: str  # "full" or "sparse"
+    kind: Kind
     layer: int
     step: int  # which sparse step of the chunk (0 for the full pass)
     slot: int | None = None  # the device slot the fetch fills / the layer reads (None: resident)
@@ -33,7 +38,7 @@ class Step:
 
     @property
     def pass_label(self) -> str:
-        if self.kind == FULL:
+        if self.kind == Kind.FULL:
             return "full pass"
         return f"{'speculative' if self.speculative else 'sparse'} step {self.step}"
 
@@ -69,14 +74,15 @@ def _pass_lines(steps: list[Step]) -> list[str]:
     return lines
 
 
-def fetch_span(plan: Plan, layer: int, kind: str) -> tuple[int, int] | None:
-    """Bytes of a layer's host buffer a pass of this kind moves (None: nothing)."""
+def fetch_span(plan: Plan, layer: int, kind: Kind) -> tuple[int, int] | None:
+    """Bytes of a layer's host buffer a pass of this kind moves (None: nothing), by the
+    executor's rule applied to where the plan puts the layer."""
     if layer in plan.resident_layers:
-        return None
-    if layer in plan.prefix_layers:
-        return None if kind == SPARSE else (plan.prefix_bytes, plan.layer_bytes)
-    sparse_rows = kind == SPARSE and plan.sparsity > 0 and plan.sparse_method == "griffin"
-    return (0, plan.prefix_bytes if sparse_rows else plan.layer_bytes)
+        where = Where.RESIDENT
+    else:
+        where = Where.PREFIX if layer in plan.prefix_layers else Where.STREAMED
+    prefix = plan.prefix_bytes if plan.sparsity > 0 else plan.layer_bytes  # nothing selected out
+    return span_of(where, kind, prefix, plan.layer_bytes, per_token=plan.sparse_method != "griffin")
 
 
 def spread(steps: int, layers: int) -> list[int]:
@@ -94,9 +100,9 @@ def chunk_schedule(plan: Plan, sparse_steps: int, speculative: int = 0,
     chunk with `speculative` sparse steps spread over its layers. Slots are numbered from the
     chunk's first fetch."""
     layers = range(plan.num_layers)
-    passes = [(SPARSE, j) for j in range(sparse_steps)] + [(FULL, 0)]
+    passes = [(Kind.SPARSE, j) for j in range(sparse_steps)] + [(Kind.FULL, 0)]
     fetches = [(kind, j, i) for kind, j in passes for i in layers if fetch_span(plan, i, kind)]
-    if speculative and any(fetch_span(plan, i, SPARSE) for i in layers):
+    if speculative and any(fetch_span(plan, i, Kind.SPARSE) for i in layers):
         raise ValueError("speculative steps need the sparse set resident on the device")
     depth = plan.prefetch_depth
     counts = spread(speculative, plan.num_layers) if speculative else [0] * plan.num_layers
@@ -116,9 +122,9 @@ def chunk_schedule(plan: Plan, sparse_steps: int, speculative: int = 0,
                     out.append(Step("copy", k, i, jj, ahead % depth, fetch_span(plan, i, k),
                                     carried=ahead >= len(fetches)))
                 n += 1
-            if kind == FULL:
+            if kind == Kind.FULL:
                 done = sum(counts[:layer])
-                out += [Step("compute", SPARSE, i, done + s, None, speculative=True)
+                out += [Step("compute", Kind.SPARSE, i, done + s, None, speculative=True)
                         for s in range(counts[layer]) for i in layers]
     return tuple(out)
 

@@ -1,0 +1,182 @@
+"""Where each layer's weights live, what a pass must move of them, and the views the math reads.
+
+Every forward pass is one of two kinds (`Kind`): FULL uses all MLP neurons (prefill, dense
+steps, the correction pass), SPARSE only the selected ones. After Griffin reorders each layer's
+neurons the selected ones come first, so the attention weights plus the selected neurons are a
+*prefix* of the layer's flat buffer, and per layer and kind the bytes to move are one contiguous
+range of its host buffer (`fetch_span`, the one rule the planner's schedule and the executor
+share). A layer is in one of three places:
+
+- resident (`Where.RESIDENT`): the whole layer is on the device; nothing moves;
+- prefix-resident (`Where.PREFIX`): attention and the selected neurons stay on the device, the
+  rest in host memory; SPARSE moves nothing, FULL moves the complement of the prefix;
+- streamed (`Where.STREAMED`): the layer is in host memory; SPARSE moves the prefix, FULL the
+  whole layer. With CATS thresholds the neurons a token skips are chosen per token, so SPARSE
+  moves the whole layer too.
+
+Quantized weights (`quant`): host buffers, slots, resident layers and resident prefixes all hold
+the bytes of `QuantLayout` (the ranges above are then byte ranges); when a layer is acquired the
+part the pass uses is dequantized into one work buffer laid out like an unquantized layer, whose
+views the model math reads. Resident data stays quantized, which is what lets a large selected
+set fit on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from enum import Enum
+from typing import Callable, Sequence
+
+import torch
+
+from ferry.kernels.gather import gather_rows
+from ferry.model.quant import QuantLayout, dequantize_jobs, record_jobs
+from ferry.model.weights import Kind, LayerLayout, LayerWeights
+from ferry.offload.slots import SlotPool
+from ferry.offload.transfer import Link
+
+
+class Where(str, Enum):
+    """Where a layer's weights are kept between passes."""
+
+    RESIDENT = "resident"
+    PREFIX = "prefix-resident"
+    STREAMED = "streamed"
+
+
+def fetch_span(where: Where, kind: Kind, prefix: int, whole: int, per_token: bool) -> tuple[int, int] | None:
+    """The range of a layer's host buffer a pass of `kind` moves (None: nothing).
+
+    prefix, whole: sizes of the selected prefix and of the whole layer (elements or bytes alike);
+    per_token: SPARSE passes choose their neurons per token (CATS), so they read every row.
+    """
+    if where == Where.RESIDENT:
+        return None
+    if where == Where.PREFIX:  # the prefix is on the device; FULL brings the rest
+        return None if kind == Kind.SPARSE or prefix == whole else (prefix, whole)
+    return (0, prefix) if kind == Kind.SPARSE and not per_token else (0, whole)
+
+
+def stored_as(layout: LayerLayout, quant: QuantLayout | None,
+              dtype: torch.dtype) -> tuple[LayerLayout | QuantLayout, torch.dtype]:
+    """How host buffers, slots and resident copies lay a layer out: quantized records as bytes,
+    or the compute dtype."""
+    return (quant, torch.uint8) if quant is not None else (layout, dtype)
+
+
+class LayerStore:
+    """The layers' buffers (resident, host, resident prefixes, and the slot pool streamed layers
+    pass through) and the weight views of each (layer, kind, slot)."""
+
+    def __init__(
+        self, layout: LayerLayout, resident: dict[int, torch.Tensor], host: dict[int, torch.Tensor],
+        slots: SlotPool, link: Link, device: torch.device, dtype: torch.dtype,
+        prefix_layers: Sequence[int] = (), quant: QuantLayout | None = None, dequant_backend: str = "torch",
+    ):
+        self.layout, self.resident, self.host, self.slots, self.link = layout, resident, host, slots, link
+        self.quant, self.dequant_backend, self.device = quant, dequant_backend, device
+        self.fmt, self.fmt_dtype = stored_as(layout, quant, dtype)
+        self.work = torch.empty(layout.numel, dtype=dtype, device=device) if quant else None
+        self.order = tuple(sorted(host))  # streamed layers in visiting order
+        self.prefix_layers = tuple(prefix_layers)  # streamed layers whose selected prefix may stay
+        self.prefix_buffers: dict[int, torch.Tensor] = {}  # the ones whose prefix is loaded now
+        self.rows = layout.intermediate_size  # neurons a SPARSE pass uses (a prefix)
+        self.thresholds: list[float] | None = None  # CATS thresholds for SPARSE passes
+        self._views: dict[tuple, LayerWeights] = {}  # per (layer, kind, slot), built once
+        self._jobs: dict[tuple, list[Callable[[], None]]] = {}  # dequantization steps, likewise
+
+    # --- what a (layer, kind) needs -------------------------------------------------------
+    def where(self, layer: int) -> Where:
+        if layer in self.resident:
+            return Where.RESIDENT
+        return Where.PREFIX if layer in self.prefix_buffers else Where.STREAMED
+
+    def fetch_range(self, layer: int, kind: Kind) -> tuple[int, int] | None:
+        """The range of the layer's host buffer a pass of this kind must move (elements of the
+        stored layout: bytes when quantized)."""
+        return fetch_span(self.where(layer), kind, self.fmt.prefix_numel(self.rows), self.fmt.numel,
+                          per_token=self.thresholds is not None)
+
+    def moves_nothing(self, kind: Kind) -> bool:
+        """Whether a pass of this kind runs on device-resident weights alone."""
+        return all(self.fetch_range(layer, kind) is None for layer in self.order)
+
+    def _sparse_rows(self, kind: Kind) -> int:
+        """MLP rows a pass of this kind reads (CATS passes read them all, skipping per token)."""
+        return self.rows if kind == Kind.SPARSE and self.thresholds is None else self.layout.intermediate_size
+
+    # --- the weights a pass reads -------------------------------------------------------------
+    def ready(self, layer: int, kind: Kind, slot: int | None) -> LayerWeights:
+        """The layer's weights for a pass of this kind, its bytes in `slot` (None: nothing
+        streamed); quantized bytes are dequantized into the work buffer first."""
+        key = (layer, kind, slot)
+        if self.quant is not None:
+            if key not in self._jobs:
+                self._jobs[key] = self._dequantize_jobs(layer, kind, slot)
+            for job in self._jobs[key]:
+                job()
+        if key not in self._views:
+            self._views[key] = self._build_views(layer, kind, slot)
+        return self._views[key]
+
+    def _build_views(self, layer: int, kind: Kind, slot: int | None) -> LayerWeights:
+        n, k, lay = self.layout.intermediate_size, self.rows, self.layout
+        rows = self._sparse_rows(kind)
+        threshold = self.thresholds[layer] if kind == Kind.SPARSE and self.thresholds is not None else None
+        if self.quant is not None:  # dequantized into the work buffer: always one bundle
+            w = lay.views(self.work, rows=rows)
+        elif layer in self.resident:
+            w = lay.views(self.resident[layer], rows=rows)
+        elif layer in self.prefix_buffers:
+            w = lay.views(self.prefix_buffers[layer], rows=k)
+            if rows == n and k < n:  # the complement arrives in the slot, from offset 0
+                comp = self.slots.buffers[slot][:(n - k) * lay.row_numel].view(n - k, 3, lay.hidden_size)
+                w = replace(w, mlp=w.mlp + (comp,))
+        else:
+            w = lay.views(self.slots.buffers[slot], rows=rows)
+        return replace(w, mlp_threshold=threshold) if threshold is not None else w
+
+    def _dequantize_jobs(self, layer: int, kind: Kind, slot: int | None) -> list[Callable[[], None]]:
+        q, n, k, backend = self.quant, self.layout.intermediate_size, self.rows, self.dequant_backend
+        rows = self._sparse_rows(kind)
+        if layer in self.prefix_buffers:
+            jobs = dequantize_jobs(q, self.prefix_buffers[layer], self.work, k, backend)
+            if rows > k:  # the complement rows arrived at the start of the slot
+                jobs += record_jobs(q, self.slots.buffers[slot], self.layout.bundle(self.work, k, n), backend)
+            return jobs
+        src = self.resident[layer] if layer in self.resident else self.slots.buffers[slot]
+        return dequantize_jobs(q, src, self.work, rows, backend)
+
+    # --- selection (the caller drains in-flight copies first) ----------------------------------
+    def reorder_neurons(self, orders: Sequence[torch.Tensor], rows: int) -> None:
+        """Put each layer's selected neurons first (orders[i] is a permutation of the neurons)
+        and make SPARSE passes use the first `rows` of them; selected prefixes of the
+        prefix-resident layers are (re)loaded onto the device."""
+        staging = None
+        for layer, order in enumerate(orders):
+            flat = self.resident.get(layer, self.host.get(layer))
+            bundle = flat[self.fmt.mlp_offset:].view(self.fmt.intermediate_size, -1)
+            if staging is None or staging.device != bundle.device:
+                staging = torch.empty_like(bundle)
+            gather_rows(bundle, order.to(bundle.device), staging)
+            bundle.copy_(staging)
+        self.rows, self.thresholds = rows, None
+        n = self.layout.intermediate_size
+        if rows == n:  # nothing is selected out: no prefix worth keeping
+            self.prefix_buffers.clear()
+        prefix = self.fmt.prefix_numel(rows)
+        for layer in self.prefix_layers if rows < n else ():
+            if layer not in self.prefix_buffers:
+                self.prefix_buffers[layer] = torch.empty(prefix, dtype=self.fmt_dtype, device=self.device)
+            self.link.wait(self.link.copy(self.prefix_buffers[layer], self.host[layer][:prefix]))
+        self._forget_views()
+
+    def set_thresholds(self, thresholds: Sequence[float]) -> None:
+        """CATS: SPARSE passes use every neuron, skipping those under the layer's threshold."""
+        self.prefix_buffers.clear()  # every row may be needed: no prefix is enough
+        self.rows, self.thresholds = self.layout.intermediate_size, list(thresholds)
+        self._forget_views()
+
+    def _forget_views(self) -> None:
+        self._views.clear()
+        self._jobs.clear()
