@@ -28,6 +28,7 @@ demo: $(VENV)/.demo
 	$(PY) -m ferry generate -p "$(PROMPT)" -n 128
 
 test: $(VENV)/.test
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.test

@@ -60,7 +60,7 @@ def signal_study(prompts, sparsity: float, new_tokens: int) -> dict[str, float]:
     engine = ferry.load(device="cpu", ctx=512, progress=False, sparsity=sparsity, period="auto",
                         max_period=16, draft_confidence=0.0)
     recorder = Recorder()
-    engine.tuner = recorder
+    engine.runtime.tuner = recorder
     original = correction.draft_confidence
 
     def spy(logits, token, signal="prob"):  # every signal for the same draft
@@ -92,11 +92,11 @@ def evaluate(engine, dense, prompts, reference, new_tokens):
     return {"agreement": statistics.mean(agree), "nll": statistics.mean(nll),
             "aal": statistics.mean(aal) if aal else None, "effective_density": statistics.mean(eff),
             "wasted_per_token": statistics.mean(wasted),
-            "draft_confidence": engine.tuner.threshold() if engine.tuner else None}
+            "draft_confidence": engine.runtime.tuner.threshold() if engine.runtime.tuner else None}
 
 
 def streamed_speed(options, prompts, new_tokens, link_gbps, gpu_memory) -> float:
-    engine = ferry.load(device="cpu", ctx=512, progress=False, gpu_memory=gpu_memory, link_gbps=link_gbps, **options)
+    engine = ferry.load(device="cpu", ctx=512, progress=False, gpu_memory=gpu_memory, emulate_link_gbps=link_gbps, **options)
     times = []
     for prompt in prompts:
         r = engine.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)

@@ -45,7 +45,7 @@ def sparse_step_seconds(engine) -> float:
 def budgets(engine, sparsity: float) -> tuple[int, int]:
     """Device budgets where every layer streams: with the slots only, and with room for every
     layer's selected rows beside them (not a byte more)."""
-    plan = make_plan(engine.config, dtype_bytes=2, budget_bytes=1 << 40, host_available_bytes=1 << 40,
+    plan = make_plan(engine.model, dtype_bytes=2, budget_bytes=1 << 40, host_available_bytes=1 << 40,
                      ctx=256, sparsity=sparsity)
     fixed = plan.kv_cache_bytes + plan.workspace_bytes + plan.norm_bytes + (plan.lm_head_bytes or plan.embed_bytes)
     streamed = fixed + plan.prefetch_depth * plan.layer_bytes + 1024
@@ -56,10 +56,10 @@ def timed(engine, prompt: str, new_tokens: int) -> dict:
     """Decode s/token and link bytes after the first token (prefill and selection excluded)."""
     stream = engine.stream(prompt, max_new_tokens=new_tokens, ignore_eos=True)
     next(stream)
-    before, t0 = engine.link.stats(), time.perf_counter()
+    before, t0 = engine.runtime.link.stats(), time.perf_counter()
     for _ in stream:
         pass
-    elapsed, moved = time.perf_counter() - t0, engine.link.stats().minus(before)
+    elapsed, moved = time.perf_counter() - t0, engine.runtime.link.stats().minus(before)
     s = stream.result.stats
     return {"s": elapsed / (s.new_tokens - 1), "bytes": moved.bytes / (s.new_tokens - 1), "aal": s.aal,
             "kept": s.speculative_kept, "passes": s.full_passes}
@@ -80,11 +80,11 @@ def main() -> None:
     probe = ferry.load(device="cpu", ctx=256, progress=False, sparsity=args.sparsity, mode="sparse")
     step_s = sparse_step_seconds(probe)
     stream_budget, prefix_budget = budgets(probe, args.sparsity)
-    full_bytes = probe.config.num_layers * probe.plan.layer_bytes
+    full_bytes = probe.model.num_layers * probe.plan.layer_bytes
     probe.close()
     gbps = full_bytes / (args.ratio * step_s) / 1e9
     # All layers stream; with room for every layer's selected rows beside the slots.
-    common = dict(device="cpu", ctx=256, progress=False, link_gbps=gbps)
+    common = dict(device="cpu", ctx=256, progress=False, emulate_link_gbps=gbps)
     sirius = dict(common, sparsity=args.sparsity, period=args.period)
     engines = {
         "dense streaming": ferry.load(**common, gpu_memory=stream_budget),
@@ -97,9 +97,9 @@ def main() -> None:
     }
     for name, engine in engines.items():
         plan = engine.plan
-        assert len(plan.streamed_layers) == engine.config.num_layers, name
+        assert len(plan.streamed_layers) == engine.model.num_layers, name
         resident_rows = name in ("ferry pipelined", "ferry + speculation")
-        assert len(plan.prefix_layers) == (engine.config.num_layers if resident_rows else 0), name
+        assert len(plan.prefix_layers) == (engine.model.num_layers if resident_rows else 0), name
     print(f"SmolLM2-135M-Instruct bf16, CPU ({torch.get_num_threads()} threads); resident sparse step "
           f"{step_s * 1e3:.1f} ms; full weight stream {full_bytes / 1e6:.0f} MB over an emulated "
           f"{gbps:.3f} GB/s link = {args.ratio:g}x a sparse step; sparsity {args.sparsity}, K={args.period}")

@@ -48,10 +48,9 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     engine = ferry.load(dtype=args.dtype, device="cpu", progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(engine.folder, dtype=dtype).eval()
-    from ferry.text import encode_prompt
+    hf = AutoModelForCausalLM.from_pretrained(engine.runtime.folder, dtype=dtype).eval()
 
-    ids = torch.tensor([encode_prompt(engine.tokenizer, PROMPT, None)])
+    ids = torch.tensor([engine.encode(PROMPT)])
     n = args.new_tokens
     time_ferry(engine, n), time_hf(hf, ids, n)  # warm-up: first-call costs out of the figures
     ferry_total, ferry_decode, hf_total, hf_decode = [], [], [], []

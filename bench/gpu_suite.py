@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     prompt = " ".join(f"w{7 * n % SHAPES[shape]['vocab_size']:06d}" for n in range(2, 18))  # 16 tokens
     common = dict(dtype="bf16", device=device, ctx=64, gpu_memory=budget, progress=False,
-                  link_gbps=None if cuda else args.link_gbps, period=args.period)
+                  emulate_link_gbps=None if cuda else args.link_gbps, period=args.period)
     rows: dict[str, dict] = {}
 
     def record(name: str, engine, measured: dict, key: str, schedule: str = "pipelined") -> None:
@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"plan: {len(plan.resident_layers)} layers resident, {len(plan.streamed_layers)} stream, "
             f"{len(plan.prefix_layers)} keep their selected rows; {schedule}")
         for name, mode, key in modes:  # sparse and sirius share a plan: one load of the weights, not two
-            engine.correction = replace(engine.correction, mode=mode)
+            rt = engine.runtime  # same plan and weights, another decode loop
+            rt.config = replace(rt.config, correction=replace(rt.config.correction, mode=mode))
             record(name, engine, time_engine(engine, prompt, args.new_tokens, args.runs), key, schedule)
         engine.close()
         del engine

@@ -42,9 +42,9 @@ def main() -> None:
     common = dict(device="cpu", ctx=256, progress=False)
     engines = {
         "resident": ferry.load(**common),
-        "serial": ferry.load(**common, gpu_memory=args.gpu_memory, link_gbps=args.link_gbps,
+        "serial": ferry.load(**common, gpu_memory=args.gpu_memory, emulate_link_gbps=args.link_gbps,
                              prefetch_depth=args.prefetch_depth, schedule="serial"),
-        "pipelined": ferry.load(**common, gpu_memory=args.gpu_memory, link_gbps=args.link_gbps,
+        "pipelined": ferry.load(**common, gpu_memory=args.gpu_memory, emulate_link_gbps=args.link_gbps,
                                 prefetch_depth=args.prefetch_depth, schedule="pipelined"),
     }
     for engine in engines.values():

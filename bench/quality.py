@@ -20,20 +20,14 @@ from pathlib import Path
 import torch
 
 import ferry
-from ferry.model.forward import forward
-from ferry.text import encode_prompt
 
 PROMPTS = Path(__file__).parent / "prompts.jsonl"
 
 
 def continuation_nll(engine, prompt: str, tokens: list[int]) -> float:
     """Mean negative log-likelihood of `tokens` after the prompt under the full model."""
-    ids = encode_prompt(engine.tokenizer, prompt, None)
-    engine._prepare_context(len(ids) + len(tokens), 0)
-    seq = torch.tensor(ids + tokens, dtype=torch.long, device=engine.device)
-    engine.cache.reset()
-    with torch.no_grad():
-        logits = forward(engine.config, engine.weights, engine.rope, engine.cache, seq, 0, all_logits=True)
+    ids = engine.encode(prompt)
+    logits = engine.logits(ids + tokens).cpu()
     logp = torch.log_softmax(logits[len(ids) - 1:-1], dim=-1)
     return float(-logp.gather(1, torch.tensor(tokens)[:, None]).mean())
 

@@ -43,16 +43,11 @@ CHUNK = 256
 
 def text_nll(engine) -> float:
     """Mean NLL per predicted token of the calibration text, in independent chunks."""
-    from ferry.model.forward import forward
-
     ids = engine.tokenizer(TEXT.read_text(encoding="utf-8"))["input_ids"]
-    engine._prepare_context(CHUNK, 0)
     total, count = 0.0, 0
     for lo in range(0, len(ids) - 1, CHUNK):
         chunk = torch.tensor(ids[lo:lo + CHUNK], dtype=torch.long)
-        engine.cache.reset()
-        with torch.no_grad():
-            logits = forward(engine.config, engine.weights, engine.rope, engine.cache, chunk, 0, all_logits=True)
+        logits = engine.logits(chunk.tolist()).cpu()
         logp = torch.log_softmax(logits[:-1], dim=-1).gather(1, chunk[1:, None])
         total, count = total - float(logp.sum()), count + len(chunk) - 1
     return total / count
@@ -72,7 +67,7 @@ def quant_options(method: str) -> dict:
 
 def streamed_bytes(method: str, budget: int, prompts: list[str], new_tokens: int, common: dict) -> tuple[float, int, int]:
     """(measured bytes per new token, the plan's bytes per dense token, streamed layers)."""
-    engine = ferry.load(**common, **quant_options(method), gpu_memory=budget, link_gbps=1000.0)
+    engine = ferry.load(**common, **quant_options(method), gpu_memory=budget, emulate_link_gbps=1000.0)
     per_token = [engine.generate(p, max_new_tokens=new_tokens, ignore_eos=True).stats.h2d_bytes_per_token
                  for p in prompts]
     out = statistics.mean(per_token), engine.plan.link_bytes["full_pass"], len(engine.plan.streamed_layers)

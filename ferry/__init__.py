@@ -4,8 +4,10 @@ Weights stream from host memory on demand, contextual sparsity moves only the ML
 active, and a periodic full-weight pass corrects the sparse tokens.
 """
 
-from ferry.engine import Engine, Generation, GenerationStats, Token, TokenStream, load
-from ferry.errors import FerryError
+from ferry.engine import (Engine, FerryConfig, Generation, GenerationStats, Request, Runtime, Token,
+                          TokenStream, build_runtime, generate, load)
+from ferry.errors import FerryError, SettingError
 
-__all__ = ["Engine", "FerryError", "Generation", "GenerationStats", "Token", "TokenStream", "load"]
+__all__ = ["Engine", "FerryConfig", "FerryError", "Generation", "GenerationStats", "Request", "Runtime",
+           "SettingError", "Token", "TokenStream", "build_runtime", "generate", "load"]
 __version__ = "0.1.0"

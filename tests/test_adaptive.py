@@ -101,7 +101,7 @@ def test_auto_period_strict_reproduces_dense_greedy(confidence, schedule, tiny_m
     streaming = {}
     if schedule == "serial":  # every layer streams, fetched when needed
         from test_model import streaming_budget
-        streaming = dict(gpu_memory=streaming_budget(dense.config, resident=0, depth=2, ctx=64), schedule="serial")
+        streaming = dict(gpu_memory=streaming_budget(dense.model, resident=0, depth=2, ctx=64), schedule="serial")
     auto = ferry.load(folder, dtype="fp32", ctx=64, progress=False, sparsity=0.5, accept="strict",
                       period="auto", draft_confidence=confidence, **streaming)
     for prompt in PROMPTS:

@@ -168,7 +168,7 @@ def test_plan_gpu_json_predictions(capsys):
 
 def test_plan_gpu_overrides(capsys):
     base = plan_json(capsys, "--gpu", "h100", "--sparsity", "0.5")
-    out = plan_json(capsys, "--gpu", "h100", "--sparsity", "0.5", "--gpu-memory", "40GiB", "--link-gbps", "10",
+    out = plan_json(capsys, "--gpu", "h100", "--sparsity", "0.5", "--gpu-memory", "40GiB", "--pcie-gbps", "10",
                     "--gpu-mem-gbps", "2000", "--period", "8", "--aal", "6", "--schedule", "serial")
     assert out["gpu"] == {"name": "h100", "memory_gbps": 2000, "link_gbps": 10, "memory_bytes": 40 << 30}
     assert out["budget_bytes"] == 40 << 30 and base["budget_bytes"] == 79 << 30
@@ -186,10 +186,99 @@ def test_plan_prints_predictions(capsys):
         assert label in out
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--gpu", "gtx480"], "unknown GPU 'gtx480'; presets: rtx3090"),
-    (["--period", "8", "--aal", "9"], "AAL"),
-])
-def test_plan_bad_cost_flags_exit_2(capsys, flags, message):
-    expect_error(capsys, ["plan", "-m", LLAMA_70B, "--host-memory", "256GiB", "--gpu-memory", "24GiB", *flags],
-                 message)
+def test_plan_unknown_gpu_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "-m", LLAMA_70B, "--gpu", "gtx480"])
+    assert info.value.code == 2 and "unknown GPU 'gtx480'; presets: rtx3090" in capsys.readouterr().err
+
+
+def test_plan_aal_above_period_exits_2(capsys):
+    expect_error(capsys, ["plan", "-m", LLAMA_70B, "--host-memory", "256GiB", "--gpu-memory", "24GiB",
+                          "--period", "8", "--aal", "9"], "AAL")
+
+
+# --- flags: one registry, settings reported under their flags, renamed flags ----------------------
+def test_setting_error_names_the_flag(capsys):
+    """argparse accepts 0.5; the configuration rejects it without --period auto, and the message
+    names both settings by their flags."""
+    code, _, err = run(capsys, "generate", "-p", "hi", "--draft-confidence", "0.5")
+    assert code == 2 and err.strip() == "ferry: error: --draft-confidence needs --period auto"
+
+
+def test_config_value_error_names_the_flag(capsys):
+    expect_error(capsys, ["plan", "-m", LLAMA_70B, "--quant", "int4", "--quant-group", "20"],
+                 "ferry: error: --quant-group must be a multiple of 8")
+
+
+def test_flag_for_maps_settings_to_flags():
+    from ferry.cli.flags import FLAGS, flag_for
+
+    assert flag_for("period") == "--period"
+    assert flag_for("emulate_link_gbps") == "--emulate-link"
+    assert flag_for("quant_group") == "--quant-group" and flag_for("model") == "--model"
+    assert all(flag_for(name).startswith("--") for name in FLAGS)
+
+
+def help_text(capsys, command: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_flag_defaults_come_from_the_config(capsys):
+    """Config options parse to None when not given (FerryConfig.from_options decides the
+    defaults); the help shows the dataclasses' defaults."""
+    from ferry.cli import build_parser
+    from ferry.cli.flags import config_options
+    from ferry.engine.config import FerryConfig
+
+    args = build_parser().parse_args(["generate", "-p", "hi"])
+    options = config_options(args)
+    assert options["period"] is None and options["speculate"] is None and options["emulate_link_gbps"] is None
+    assert FerryConfig.from_options(**options) == FerryConfig()
+    text = help_text(capsys, "generate")
+    assert "(default 16)" in text and "(default 0.1)" in text and "(default 2)" in text
+
+
+@pytest.mark.parametrize("command", ["generate", "profile", "plan"])
+def test_link_gbps_was_renamed(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--link-gbps", "10"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--link-gbps was renamed: --emulate-link (generate, profile) or --pcie-gbps (plan)" in err
+    assert "link-gbps" not in help_text(capsys, command)  # hidden
+
+
+def test_emulated_link_flag(tiny_model_dir, capsys):
+    code, out, err = run(capsys, "generate", "-m", str(tiny_model_dir()), "-p", "The capital", "-n", "3",
+                         "--json", "--emulate-link", "20", "--gpu-memory", "17MB", "--prefetch-depth", "1")
+    assert code == 0, err
+    assert "layers stream from host memory" in err and json.loads(out)["stats"]["h2d_bytes"] > 0
+
+
+def test_plan_period_auto_uses_max_period(capsys):
+    auto = plan_json(capsys, "--gpu", "rtx4090", "--sparsity", "0.5", "--period", "auto", "--max-period", "8")
+    fixed = plan_json(capsys, "--gpu", "rtx4090", "--sparsity", "0.5", "--period", "8")
+    assert auto["period"] == 8 and auto["s_per_token"] == fixed["s_per_token"]
+
+
+def test_plan_show_schedule_prints_the_chunk(capsys):
+    flags = ["plan", "-m", LLAMA_70B, "--device", "cuda", "--gpu-memory", "100GiB", "--host-memory", "1TB",
+             "--sparsity", "0.5", "--period", "auto", "--max-period", "4", "--show-schedule"]
+    code, out, _ = run(capsys, *flags)
+    assert code == 0 and "one chunk:" in out and "full pass:" in out and "speculative step 0:" in out
+    # K = max period = 4: drafts 0..3 (the last during the full pass), 3 speculative steps
+    assert "sparse step 3" in out and "speculative step 2:" in out and "speculative step 3" not in out
+    code, out, _ = run(capsys, *flags, "--schedule", "serial", "--no-speculate", "--json")
+    plan = json.loads(out)
+    steps = plan["steps"]
+    assert code == 0 and not any(s["speculative"] for s in steps)
+    assert sum(s["track"] == "copy" for s in steps) == len(plan["streamed_layers"]) > 0
+    assert plan["period"] == 4 and plan["schedule"] == "serial"
+
+
+def test_plan_show_schedule_needs_sparsity(capsys):
+    expect_error(capsys, ["plan", "-m", LLAMA_70B, "--host-memory", "256GiB", "--gpu-memory", "24GiB",
+                          "--show-schedule"], "--show-schedule shows a correction chunk")

@@ -154,7 +154,7 @@ PROMPTS = ["The capital of France", "def add(a, b):", "A quick brown fox", "Coun
     dict(sparsity=0.7, accept="strict", period=16),
     dict(sparsity=0.5, accept="strict", sparse_method="cats"),
     dict(sparsity=0.5, accept="strict", stream="slots"),
-    dict(sparsity=0.5, accept="strict", stream="prefixes", link_gbps=50.0),
+    dict(sparsity=0.5, accept="strict", stream="prefixes", emulate_link_gbps=50.0),
 ])
 def test_strict_mode_reproduces_dense_greedy_on_tiny_models(family, options, tiny_model_dir):
     folder = tiny_model_dir(family)
@@ -165,13 +165,13 @@ def test_strict_mode_reproduces_dense_greedy_on_tiny_models(family, options, tin
         from ferry.offload.planner import make_plan
         from test_model import streaming_budget
 
-        prefix = make_plan(dense.config, dtype_bytes=4, budget_bytes=1 << 40, host_available_bytes=1 << 40,
+        prefix = make_plan(dense.model, dtype_bytes=4, budget_bytes=1 << 40, host_available_bytes=1 << 40,
                            ctx=64, sparsity=0.5).prefix_bytes
         extra = 2 * prefix if stream == "prefixes" else 0
-        options["gpu_memory"] = streaming_budget(dense.config, resident=0, depth=2, ctx=64) + extra
+        options["gpu_memory"] = streaming_budget(dense.model, resident=0, depth=2, ctx=64) + extra
     sparse = ferry.load(folder, dtype="fp32", ctx=64, progress=False, **options)
     if stream:
-        assert len(sparse.plan.streamed_layers) == sparse.config.num_layers
+        assert len(sparse.plan.streamed_layers) == sparse.model.num_layers
         assert len(sparse.plan.prefix_layers) == (2 if stream == "prefixes" else 0)
     for prompt in PROMPTS:
         want = dense.generate(prompt, max_new_tokens=24, ignore_eos=True)

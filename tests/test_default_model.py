@@ -21,7 +21,7 @@ def test_answers_capital_of_france(engine):
     result = engine.generate("What is the capital of France?", max_new_tokens=32)
     assert "Paris" in result.text
     assert result.stats.finish_reason == "stop"
-    assert result.token_ids[-1] in engine.stop_ids
+    assert result.token_ids[-1] in engine.runtime.stop_ids
 
 
 def test_stream_yields_tokens_then_result(engine):
@@ -46,7 +46,7 @@ def test_gguf_conversion_matches_transformers_gguf_loader(engine):
 
     gguf = default_model_gguf()
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    reader = TensorReader(open_checkpoint(engine.folder))
+    reader = TensorReader(open_checkpoint(engine.runtime.folder))
     state = ref.state_dict()
     for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.5.self_attn.k_proj.weight",
                  "model.layers.29.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"]:
@@ -56,8 +56,8 @@ def test_gguf_conversion_matches_transformers_gguf_loader(engine):
 
 @pytest.mark.parametrize("options", [
     dict(gpu_memory="100MiB", prefetch_depth=2),
-    dict(gpu_memory="120MiB", prefetch_depth=3, link_gbps=20.0),
-    dict(gpu_memory="100MiB", prefetch_depth=1, link_gbps=20.0, schedule="serial"),
+    dict(gpu_memory="120MiB", prefetch_depth=3, emulate_link_gbps=20.0),
+    dict(gpu_memory="100MiB", prefetch_depth=1, emulate_link_gbps=20.0, schedule="serial"),
 ])
 def test_streamed_default_model_matches_resident(engine, options):
     streamed = ferry.load(progress=False, ctx=256, **options)
@@ -72,7 +72,7 @@ def test_streamed_default_model_matches_resident(engine, options):
             ahead = streamed.plan.prefetch_depth * streamed.plan.layer_bytes
             assert 16 * per_token <= got.stats.h2d_bytes <= 16 * per_token + ahead
         # Loading packs each layer straight into the host store: no second copy of the model.
-        report = streamed.load_report
+        report = streamed.runtime.load_report
         assert report.peak_rss_bytes - report.rss_before_bytes < 1.5 * report.host_store_bytes + (64 << 20)
     finally:
         streamed.close()
@@ -80,7 +80,7 @@ def test_streamed_default_model_matches_resident(engine, options):
 
 @pytest.mark.parametrize("options", [
     dict(sparsity=0.5, accept="strict"),
-    dict(sparsity=0.3, accept="strict", period=8, gpu_memory="260MiB", link_gbps=20.0),
+    dict(sparsity=0.3, accept="strict", period=8, gpu_memory="260MiB", emulate_link_gbps=20.0),
 ])
 def test_strict_sirius_reproduces_dense_greedy(options):
     # fp32: in bf16 the full pass (a multi-token GEMM, the MLP split into resident and streamed

@@ -8,7 +8,8 @@ import torch
 from ferry.model.weights import Kind
 from ferry.offload.layer_store import Where, fetch_span
 from ferry.offload.slots import SlotPool
-from ferry.offload.transfer import CudaLink, EmulatedLink, InOrderLink, Link
+from ferry.offload.cpu_links import EmulatedLink, InOrderLink
+from ferry.offload.transfer import CudaLink, Link
 
 FULL, SPARSE = Kind.FULL, Kind.SPARSE
 

@@ -10,7 +10,7 @@ from ferry.model.forward import decode_one, forward, forward_chunk, prefill
 from ferry.offload.checkpoint import open_checkpoint
 from ferry.offload.loader import load_model
 from ferry.offload.planner import make_plan
-from ferry.offload.transfer import InOrderLink
+from ferry.offload.cpu_links import InOrderLink
 from ferry.scheduler.decode import DecodeStats, Passes, decode_stepwise
 from ferry.model.kv_cache import KVCache
 from ferry.model.rope import rope_for

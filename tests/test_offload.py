@@ -17,7 +17,7 @@ from ferry.offload import transfer
 from ferry.offload.checkpoint import load_hf_config
 from ferry.offload.planner import OffloadConfig, make_plan, parse_size
 from ferry.offload.sources import resolve_config
-from ferry.offload.transfer import EmulatedLink, InOrderLink
+from ferry.offload.cpu_links import EmulatedLink, InOrderLink
 from test_model import load_tiny, prompt_ids
 
 from pathlib import Path
@@ -183,7 +183,7 @@ def test_plan_cli_70b_json(capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--gpu-memory", "0"], "gpu-memory"), (["--gpu-memory", "lots"], "gpu-memory"),
-    (["--prefetch-depth", "0"], "prefetch-depth"), (["--link-gbps", "0"], "link-gbps"),
+    (["--prefetch-depth", "0"], "prefetch-depth"), (["--emulate-link", "0"], "emulate-link"),
 ])
 def test_bad_offload_flags_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -201,7 +201,7 @@ def test_generate_streamed_reports_bytes(tiny_model_dir, capsys):
     args = ["generate", "-m", str(folder), "-p", "The capital", "-n", "6", "--json", "--ignore-eos"]
     assert main(args) == 0
     resident = json.loads(capsys.readouterr().out)
-    assert main(args + ["--gpu-memory", "17MB", "--link-gbps", "20", "--prefetch-depth", "1"]) == 0
+    assert main(args + ["--gpu-memory", "17MB", "--emulate-link", "20", "--prefetch-depth", "1"]) == 0
     out, err = capsys.readouterr()
     streamed = json.loads(out)
     assert "layers stream from host memory" in err

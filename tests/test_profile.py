@@ -8,10 +8,12 @@ import json
 import pytest
 
 import ferry
+import ferry.engine.engine
+import ferry.profile.profiler
 from ferry.cli import main
 from ferry.offload.executor import PassView
-from ferry.profiler import TimedPassView, predict_run, profile_generation, summarize
-from ferry.profile_report import chrome_trace, format_report
+from ferry.profile import chrome_trace, format_report, predict_run, profile_generation, summarize
+from ferry.profile.profiler import TimedPassView
 from test_model import streaming_budget
 
 PROMPT = "The capital of France"
@@ -20,9 +22,10 @@ PROMPT = "The capital of France"
 def streaming_engine(folder, **options):
     """Every layer streams through two slots."""
     probe = ferry.load(folder, dtype="fp32", ctx=64, progress=False)
-    budget = streaming_budget(probe.config, resident=0, depth=2, ctx=64)
+    budget = streaming_budget(probe.model, resident=0, depth=2, ctx=64)
+    probe.close()
     engine = ferry.load(folder, dtype="fp32", ctx=64, progress=False, gpu_memory=budget, **options)
-    assert len(engine.plan.streamed_layers) == engine.config.num_layers
+    assert len(engine.plan.streamed_layers) == engine.model.num_layers
     return engine
 
 
@@ -38,7 +41,8 @@ def overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
 @pytest.fixture(scope="module")
 def sirius_run(tiny_model_dir):
     """Sirius, period 4, every layer streaming over a 2 GB/s emulated link, 12 tokens."""
-    engine = streaming_engine(tiny_model_dir(), sparsity=0.5, period=4, link_gbps=2.0)
+    engine = streaming_engine(tiny_model_dir(), sparsity=0.5, period=4, emulate_link_gbps=2.0)
+    engine.generate(PROMPT, max_new_tokens=2)  # loads the row-gather kernel (once per process, outside passes)
     run, r = profiled(engine, n=12)
     engine.close()
     return engine, run, r
@@ -54,10 +58,10 @@ def test_report_agrees_with_the_generation(sirius_run):
     in_passes = sum(p["total_s"] for p in r["phases"].values())
     assert 0.3 * r["total_s"] < in_passes <= r["total_s"]
     for p in run.passes:  # layers sit inside their pass; every layer appears once per pass
-        assert [x["layer"] for x in p["layers"]] == list(range(engine.config.num_layers))
+        assert [x["layer"] for x in p["layers"]] == list(range(engine.model.num_layers))
         assert p["wait_s"] + p["compute_s"] <= p["dur_s"] + 1e-6
         assert all(x["wait_s"] >= 0 and x["compute_s"] >= 0 for x in p["layers"])
-    assert [row["layer"] for row in r["per_layer"]] == list(range(engine.config.num_layers))
+    assert [row["layer"] for row in r["per_layer"]] == list(range(engine.model.num_layers))
     assert all({"prefill", "sparse_step", "full_pass"} <= set(row) for row in r["per_layer"])
     assert r["link"]["bytes"] == stats.h2d_bytes > 0
     assert r["link"]["bytes_per_token"] == pytest.approx(stats.h2d_bytes / 12)
@@ -95,10 +99,10 @@ def test_in_order_trace_counts_every_byte(tiny_model_dir):
 @pytest.mark.parametrize("schedule", ["pipelined", "serial"])
 def test_trace_tracks_and_overlap(schedule, tiny_model_dir, tmp_path, capsys):
     trace = tmp_path / "trace.json"
-    budget = str(streaming_budget(ferry.load(tiny_model_dir(), dtype="fp32", ctx=64, progress=False).config,
+    budget = str(streaming_budget(ferry.load(tiny_model_dir(), dtype="fp32", ctx=64, progress=False).model,
                                   resident=0, depth=2, ctx=64))
     code = main(["profile", "-m", str(tiny_model_dir()), "-p", PROMPT, "-n", "6", "--ignore-eos",
-                 "--dtype", "fp32", "--ctx", "64", "--gpu-memory", budget, "--link-gbps", "0.05",
+                 "--dtype", "fp32", "--ctx", "64", "--gpu-memory", budget, "--emulate-link", "0.05",
                  "--schedule", schedule, "--trace", str(trace), "--json"])
     assert code == 0
     json.loads(capsys.readouterr().out)
@@ -126,25 +130,39 @@ def test_trace_nests_layers_in_passes(tiny_model_dir):
     events = chrome_trace(run)["traceEvents"]
     passes = [e for e in events if e.get("cat") == "pass"]
     layers = [e for e in events if e.get("cat") == "layer"]
-    assert len(layers) == len(passes) * engine.config.num_layers
+    assert len(layers) == len(passes) * engine.model.num_layers
     for e in layers:
         assert any(p["ts"] <= e["ts"] and e["ts"] + e["dur"] <= p["ts"] + p["dur"] for p in passes)
     assert not [e for e in events if e["ph"] == "X" and e["tid"] == 2]  # nothing streams, nothing moves
 
 
+def spy_on_views(monkeypatch, module) -> list:
+    """Record the `views` each generation started from `module` hands to `generate`."""
+    seen, real = [], module.generate
+
+    def spy(rt, request, views=None):
+        seen.append(views)
+        return real(rt, request, views)
+
+    monkeypatch.setattr(module, "generate", spy)
+    return seen
+
+
 def test_profiling_off_adds_nothing(tiny_model_dir, monkeypatch):
-    engine = streaming_engine(tiny_model_dir(), sparsity=0.5, link_gbps=5.0)
-    seen = []
-    views = engine._views
-    monkeypatch.setattr(engine, "_views", lambda: seen.append(views()) or seen[-1])
+    """A plain generation runs on the runtime's own PassViews (no views are passed); only a
+    profiled one gets timed views, and nothing stays attached afterwards."""
+    engine = streaming_engine(tiny_model_dir(), sparsity=0.5, emulate_link_gbps=5.0)
+    rt = engine.runtime
+    plain = spy_on_views(monkeypatch, ferry.engine.engine)  # what Engine.stream passes
+    profiled_views = spy_on_views(monkeypatch, ferry.profile.profiler)
     engine.generate(PROMPT, max_new_tokens=4)
-    assert engine.profiler is None and engine.link._spans is None
-    assert [type(v.layers) for v in seen[0]] == [PassView, PassView]
     profiled(engine, n=4)
-    assert [type(v.layers) for v in seen[1]] == [TimedPassView, TimedPassView]
-    assert engine.profiler is None and engine.link._spans is None  # detached afterwards
-    engine.generate(PROMPT, max_new_tokens=4)
-    assert [type(v.layers) for v in seen[2]] == [PassView, PassView]
+    first = engine.generate(PROMPT, max_new_tokens=4)
+    assert plain == [None, None]
+    assert [type(v.layers) for v in profiled_views[0]] == [TimedPassView, TimedPassView]
+    assert [type(w.layers) for w in (rt.weights, rt.sparse_weights)] == [PassView, PassView]
+    assert rt.link.stop_trace() == []  # the profiler stopped its copy trace
+    assert first.stats.h2d_bytes > 0
     engine.close()
 
 
@@ -168,7 +186,7 @@ def test_format_report_without_tokens(tiny_model_dir):
     (["--warmup", "-1"], "warmup"),
     (["--gpu", "gtx480"], "gpu"),
     (["-n", "-2"], "max-new-tokens"),
-    (["--link-gbps", "0"], "link-gbps"),
+    (["--emulate-link", "0"], "emulate-link"),
 ])
 def test_bad_profile_flags_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as info:

@@ -247,14 +247,7 @@ def fake_quantized_copy(src: Path, dst: Path, bits: int, group: int) -> Path:
 
 
 def logits_of(engine, prompt: str) -> torch.Tensor:
-    from ferry.model.forward import forward
-    from ferry.text import encode_prompt
-
-    ids = encode_prompt(engine.tokenizer, prompt, False)
-    engine._prepare_context(len(ids), 1)
-    engine.cache.reset()
-    seq = torch.tensor(ids, dtype=torch.long)
-    return forward(engine.config, engine.weights, engine.rope, engine.cache, seq, 0, all_logits=True)
+    return engine.logits(engine.encode(prompt, chat=False))
 
 
 def budget(folder, quant: QuantConfig, resident: int, depth: int = 2, prefixes: int = 0,
@@ -281,7 +274,7 @@ def test_quantized_model_computes_with_its_dequantized_weights(method, group, fa
         "streamed": ferry.load(folder, dtype="fp32", ctx=64, progress=False, quant=method, quant_group=group,
                                gpu_memory=budget(folder, quant, resident=0)),
         "one resident, emulated link": ferry.load(
-            folder, dtype="fp32", ctx=64, progress=False, quant=method, quant_group=group, link_gbps=50.0,
+            folder, dtype="fp32", ctx=64, progress=False, quant=method, quant_group=group, emulate_link_gbps=50.0,
             prefetch_depth=1, gpu_memory=budget(folder, quant, resident=1, depth=1)),
         "serial": ferry.load(folder, dtype="fp32", ctx=64, progress=False, quant=method, quant_group=group,
                              schedule="serial", gpu_memory=budget(folder, quant, resident=0)),
@@ -303,7 +296,7 @@ def test_quantized_model_computes_with_its_dequantized_weights(method, group, fa
     dict(method="int4", family="qwen2", sparsity=0.7, period=16),
     dict(method="int4", family="llama3", sparsity=0.5, sparse_method="cats"),
     dict(method="int8", family="qwen2", sparsity=0.5, stream="slots"),
-    dict(method="int4", family="llama3", sparsity=0.5, stream="prefixes", link_gbps=50.0),
+    dict(method="int4", family="llama3", sparsity=0.5, stream="prefixes", emulate_link_gbps=50.0),
     dict(method="int8", family="llama3", sparsity=0.5, stream="prefixes", schedule="serial"),
     dict(method="int4", family="llama3", sparsity=0.5, sparse_method="cats", stream="slots"),
 ])
@@ -396,7 +389,7 @@ def test_unknown_quant_method_exits_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["generate", "-p", "hi", "--quant", "int3"])
     assert info.value.code == 2 and "--quant" in capsys.readouterr().err
-    with pytest.raises(FerryError, match="--quant must be one of"):
+    with pytest.raises(FerryError, match="quant must be one of"):
         ferry.load(quant="int3", progress=False)
 
 

@@ -91,11 +91,12 @@ def test_speculative_steps_are_interleaved_with_the_full_pass():
 
 def test_plan_prints_the_schedule(capsys):
     code = main(["plan", "-m", str(LLAMA_70B), "--device", "cuda", "--gpu-memory", "100GiB",
-                 "--host-memory", "1TB", "--sparsity", "0.5", "--schedule", "--period", "4"])
+                 "--host-memory", "1TB", "--sparsity", "0.5", "--show-schedule", "--period", "4"])
     out = capsys.readouterr().out
     assert code == 0 and "full pass:" in out and "speculative step 0:" in out and "for the next chunk" in out
     code = main(["plan", "-m", str(LLAMA_70B), "--device", "cuda", "--gpu-memory", "100GiB",
-                 "--host-memory", "1TB", "--sparsity", "0.5", "--schedule", "serial", "--no-speculate", "--json"])
+                 "--host-memory", "1TB", "--sparsity", "0.5", "--schedule", "serial", "--show-schedule",
+                 "--no-speculate", "--json"])
     import json
 
     out = json.loads(capsys.readouterr().out)
@@ -126,7 +127,7 @@ def run_chunk(engine, passes, drafts: int, speculative: int) -> None:
     passes.expect([Kind.SPARSE] * drafts + [Kind.FULL, Kind.SPARSE])
     for _ in range(drafts):
         passes.sparse_step(3)
-    counts = spread(speculative, engine.config.num_layers) if speculative else None
+    counts = spread(speculative, engine.model.num_layers) if speculative else None
 
     def between(layer):
         for _ in range(counts[layer]):
@@ -139,26 +140,25 @@ def run_chunk(engine, passes, drafts: int, speculative: int) -> None:
 
 @pytest.mark.parametrize("case", ["prefixes", "prefixes-speculative", "streamed", "streamed-serial"])
 def test_executor_trace_matches_the_schedule(case, tiny_model_dir):
-    from ferry.scheduler.decode import Passes
-    from dataclasses import replace
+    from ferry.engine.generation import make_passes, prefill
+    from ferry.engine.runtime import ensure_context
 
     folder = tiny_model_dir("llama3")
     probe = ferry.load(folder, dtype="fp32", ctx=64, progress=False)
-    cfg = probe.config
+    cfg = probe.model
     budget = all_prefix_budget(cfg, 64) if case.startswith("prefixes") else None
     if budget is None:
         from test_model import streaming_budget
 
         budget = streaming_budget(cfg, resident=1, depth=2, ctx=64)
     engine = ferry.load(folder, dtype="fp32", ctx=64, progress=False, sparsity=SPARSITY, gpu_memory=budget,
-                        schedule="serial" if case.endswith("serial") else "pipelined", link_gbps=50.0)
-    engine._prepare_context(8, 40)
-    ex = engine.executor
-    engine._prefill(list(range(3, 11)), DecodeStats(), engine.weights)
-    resident = ex.moves_nothing(Kind.SPARSE)
-    assert resident == case.startswith("prefixes")
-    sparse = replace(engine.weights, layers=engine.sparse_weights.layers.as_resident()) if resident else engine.sparse_weights
-    passes = Passes(cfg, engine.rope, engine.cache, engine.weights, sparse, ex.expect, sparse_resident=resident)
+                        schedule="serial" if case.endswith("serial") else "pipelined", emulate_link_gbps=50.0)
+    rt = engine.runtime
+    ex = rt.executor
+    ensure_context(rt, 8, 40)
+    prefill(rt, list(range(3, 11)), DecodeStats())
+    passes = make_passes(rt, rt.weights, rt.sparse_weights)
+    assert passes.sparse_resident == case.startswith("prefixes")
     drafts, spec = 3, (3 if case.endswith("speculative") else 0)
     run_chunk(engine, passes, drafts, spec)  # reach the steady state
     ex.trace = []
@@ -242,7 +242,7 @@ def test_rejected_speculation_is_discarded_and_the_cache_rolled_back():
 def test_pipelined_equals_serial_with_and_without_speculation(family, accept, tiny_model_dir):
     folder = tiny_model_dir(family)
     probe = ferry.load(folder, dtype="fp32", ctx=64, progress=False)
-    budget = all_prefix_budget(probe.config, 64)
+    budget = all_prefix_budget(probe.model, 64)
     prompts = PROMPTS[:2]
     dense = [probe.generate(p, max_new_tokens=20, ignore_eos=True).token_ids for p in prompts]
     results = {}
@@ -250,9 +250,9 @@ def test_pipelined_equals_serial_with_and_without_speculation(family, accept, ti
         for schedule in ("serial", "pipelined"):
             engine = ferry.load(folder, dtype="fp32", ctx=64, progress=False, sparsity=SPARSITY, accept=accept,
                                 threshold=0.3, period=4, gpu_memory=budget,
-                                link_gbps=50.0 if accept == "strict" else None,  # async copies once
+                                emulate_link_gbps=50.0 if accept == "strict" else None,  # async copies once
                                 schedule=schedule, speculate=speculate)
-            assert len(engine.plan.prefix_layers) == engine.config.num_layers
+            assert len(engine.plan.prefix_layers) == engine.model.num_layers
             runs = [engine.generate(p, max_new_tokens=20, ignore_eos=True) for p in prompts]
             engine.close()
             results[speculate, schedule] = [r.token_ids for r in runs]
@@ -264,12 +264,12 @@ def test_pipelined_equals_serial_with_and_without_speculation(family, accept, ti
 
 
 def test_profile_reports_speculative_steps_as_their_own_phase(tiny_model_dir):
-    from ferry.profiler import predict_run, profile_generation, summarize
+    from ferry.profile.profiler import predict_run, profile_generation, summarize
 
     folder = tiny_model_dir("llama-tied")
-    budget = all_prefix_budget(ferry.load(folder, dtype="fp32", ctx=64, progress=False).config, 64)
+    budget = all_prefix_budget(ferry.load(folder, dtype="fp32", ctx=64, progress=False).model, 64)
     engine = ferry.load(folder, dtype="fp32", ctx=64, progress=False, sparsity=SPARSITY, period=4,
-                        gpu_memory=budget, link_gbps=50.0)
+                        gpu_memory=budget, emulate_link_gbps=50.0)
     run = profile_generation(engine, PROMPTS[0], max_new_tokens=16, ignore_eos=True)
     report = summarize(engine, run, predict_run(engine, run))
     engine.close()
@@ -289,10 +289,10 @@ def test_speculation_on_quantized_weights_keeps_strict_equal_to_quantized_dense(
     folder = tiny_model_dir("qwen2-tied")
     q = dict(dtype="fp32", ctx=64, progress=False, quant=quant, quant_group=32)
     dense = ferry.load(folder, **q)
-    budget = all_prefix_budget(dense.config, 64, quant=quant)
+    budget = all_prefix_budget(dense.model, 64, quant=quant)
     engine = ferry.load(folder, **q, sparsity=SPARSITY, accept="strict", period=4, gpu_memory=budget,
-                        link_gbps=50.0)
-    assert len(engine.plan.prefix_layers) == engine.config.num_layers
+                        emulate_link_gbps=50.0)
+    assert len(engine.plan.prefix_layers) == engine.model.num_layers
     for prompt in PROMPTS[:2]:
         want = dense.generate(prompt, max_new_tokens=16, ignore_eos=True)
         got = engine.generate(prompt, max_new_tokens=16, ignore_eos=True)
@@ -301,7 +301,7 @@ def test_speculation_on_quantized_weights_keeps_strict_equal_to_quantized_dense(
     engine.close()
     # Resident sparse steps dequantize their own rows: sparse decoding from the resident
     # selected rows equals sparse decoding that streams them.
-    sparse = dict(q, sparsity=SPARSITY, mode="sparse", gpu_memory=budget, link_gbps=50.0)
+    sparse = dict(q, sparsity=SPARSITY, mode="sparse", gpu_memory=budget, emulate_link_gbps=50.0)
     resident = ferry.load(folder, **sparse)
     streamed = ferry.load(folder, **sparse, resident_sparse=False)
     assert resident.plan.prefix_layers and not streamed.plan.prefix_layers

@@ -26,7 +26,7 @@ from functools import partial
 
 import torch
 
-from ferry.errors import FerryError
+from ferry.errors import SettingError
 from ferry.kernels.quant import dequantize, quantize_rows
 from ferry.model.config import ModelConfig
 from ferry.model.weights import LayerLayout
@@ -46,11 +46,11 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.method not in QUANTS:
-            raise FerryError(f"--quant must be one of {', '.join(QUANTS)}, got {self.method!r}")
+            raise SettingError("quant", f"must be one of {', '.join(QUANTS)}, got {self.method!r}")
         if (not isinstance(self.group_size, int) or self.group_size < MIN_GROUP
                 or self.group_size > 1024 or self.group_size % GROUP_STEP):
-            raise FerryError(f"--quant-group must be a multiple of {GROUP_STEP} in [{MIN_GROUP}, 1024], "
-                             f"got {self.group_size}")
+            raise SettingError("quant_group", f"must be a multiple of {GROUP_STEP} in [{MIN_GROUP}, 1024], "
+                               f"got {self.group_size}")
 
     @property
     def enabled(self) -> bool:
@@ -69,10 +69,10 @@ def group_for(cfg: ModelConfig, quant: QuantConfig) -> int:
     for g in range(quant.group_size, MIN_GROUP - 1, -GROUP_STEP):
         if all(n % g == 0 for n in rows):
             return g
-    raise FerryError(
-        f"--quant {quant.method}: no group size between {MIN_GROUP} and {quant.group_size} "
+    raise SettingError(
+        "quant", f"{quant.method}: no group size between {MIN_GROUP} and {quant.group_size} "
         f"(a multiple of {GROUP_STEP}) divides the rows of this model (lengths {sorted(rows)}); "
-        f"run it without --quant")
+        f"run it unquantized")
 
 
 def _aligned(n: int) -> int:

@@ -16,6 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ferry.model.config import ModelConfig
+from ferry.model.quant import QuantConfig, QuantLayout
+from ferry.model.weights import LayerLayout
+
+MiB = 1 << 20
 
 
 def kept_neurons(intermediate_size: int, sparsity: float) -> int:
@@ -40,6 +44,39 @@ def d_sparse(cfg: ModelConfig, sparsity: float, method: str) -> float:
     used = mlp * keep if method == "griffin" else mlp * (1 + 2 * keep) / 3
     head = cfg.vocab_size * h
     return (cfg.num_layers * (attn + used) + head) / (cfg.num_layers * (attn + mlp) + head)
+
+
+@dataclass(frozen=True)
+class PartBytes:
+    """Bytes of each part of a model as stored: layers and prefixes in the compute dtype or
+    packed integers; embeddings, lm_head, norm, KV cache and workspace in the compute dtype."""
+
+    layer: int  # one decoder layer
+    prefix: int  # attention + the selected neurons of one layer
+    embed: int  # input embeddings
+    embed_row: int  # one embedding row (what a token moves when embeddings stay on the host)
+    lm_head: int  # 0 when tied to the embeddings
+    norm: int  # final norm
+    kv_cache: int  # keys and values for ctx positions
+    workspace: int  # a prefill's activations over ctx tokens (+ the dequantized layer)
+    quant_group: int  # values per quantization scale (0: not quantized)
+
+
+def part_bytes(cfg: ModelConfig, dtype_bytes: int, ctx: int, quant: QuantConfig, sparsity: float) -> PartBytes:
+    b, h = dtype_bytes, cfg.hidden_size
+    layout = LayerLayout.for_config(cfg)
+    store = QuantLayout.for_config(cfg, quant) if quant.enabled else layout
+    unit = 1 if quant.enabled else b  # the packed layout counts bytes
+    embed = cfg.vocab_size * h * b
+    # Activations of a prefill over `ctx` tokens, plus a fixed allowance (logits, temporaries).
+    workspace = 16 * MiB + ctx * (cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size + 4 * h) * b
+    return PartBytes(
+        layer=store.numel * unit,
+        prefix=store.prefix_numel(kept_neurons(cfg.intermediate_size, sparsity)) * unit,
+        embed=embed, embed_row=h * b, lm_head=0 if cfg.tie_word_embeddings else embed, norm=h * b,
+        kv_cache=2 * cfg.num_layers * cfg.num_kv_heads * ctx * cfg.head_dim * b,
+        workspace=workspace + (layout.numel * b if quant.enabled else 0),
+        quant_group=store.group if quant.enabled else 0)
 
 
 def link_bytes(layer: int, prefix: int, streamed: int, prefix_resident: int, embed_row: int,

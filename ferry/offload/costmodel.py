@@ -67,8 +67,8 @@ def resolve_gpu(name: str = "rtx4090", *, memory_bytes: int | None = None, memor
     """A preset by name; any field given replaces the preset's (the link default follows its PCIe generation)."""
     preset = GPUS.get(name)
     if preset is None:
-        raise FerryError(f"unknown GPU {name!r}; presets: {', '.join(GPUS)} (override fields with "
-                         f"--gpu-memory, --gpu-mem-gbps, --link-gbps)")
+        raise FerryError(f"unknown GPU {name!r}; presets: {', '.join(GPUS)} (any field can be "
+                         f"overridden: memory, memory bandwidth, link bandwidth)")
     return Gpu(name, memory_gbps or preset.memory_gbps, link_gbps or preset.link_gbps,
                memory_bytes or int(preset.memory_gib * GiB))
 

@@ -151,7 +151,7 @@ class PassView:
             self.executor.release(index)
 
     def end(self) -> None:
-        """The pass's last work is queued (a hook for ferry.profiler's timed view)."""
+        """The pass's last work is queued (a hook for ferry.profile's timed view)."""
 
     def upload(self, host: torch.Tensor) -> torch.Tensor:
         return self.executor.upload(host)

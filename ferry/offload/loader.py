@@ -13,9 +13,8 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from ferry.model.config import ModelConfig
 from ferry.model.quant import QuantConfig, QuantLayout
-from ferry.model.weights import Kind, LayerLayout, LayerWeights, ModelWeights
+from ferry.model.weights import Kind, LayerLayout, ModelWeights
 from ferry.offload.checkpoint import Checkpoint, TensorReader
 from ferry.offload.pack import pack_layer
 from ferry.offload.planner import Plan

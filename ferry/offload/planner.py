@@ -14,11 +14,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from ferry.errors import FerryError
+from ferry.errors import FerryError, SettingError
 from ferry.model.config import ModelConfig
-from ferry.model.quant import QuantConfig, QuantLayout
-from ferry.model.weights import LayerLayout
-from ferry.offload.accounting import StepBytes, kept_neurons, link_bytes
+from ferry.model.quant import QuantConfig
+from ferry.offload.accounting import StepBytes, link_bytes, part_bytes
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -119,48 +118,26 @@ def make_plan(
         raise FerryError(f"prefetch depth must be at least 1, got {prefetch_depth}")
     if ctx < 1:
         raise FerryError(f"context length must be at least 1, got {ctx}")
-    b, h, n_layers = dtype_bytes, cfg.hidden_size, cfg.num_layers
-    layout = LayerLayout.for_config(cfg)
-    store = QuantLayout.for_config(cfg, quant) if quant.enabled else layout
-    unit = 1 if quant.enabled else b  # the packed layout counts bytes
-    layer = store.numel * unit
-    prefix = store.prefix_numel(kept_neurons(cfg.intermediate_size, sparsity)) * unit
-    embed = cfg.vocab_size * h * b
-    lm_head = 0 if cfg.tie_word_embeddings else embed  # tied: the embedding matrix is the head
-    kv = 2 * n_layers * cfg.num_kv_heads * ctx * cfg.head_dim * b
-    # Activations of a prefill over `ctx` tokens, plus a fixed allowance (logits, temporaries).
-    workspace = 16 * MiB + ctx * (cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size + 4 * h) * b
-    workspace += layout.numel * b if quant.enabled else 0  # the dequantized layer
-    norm = h * b
-    fixed = kv + workspace + norm + (embed if cfg.tie_word_embeddings else lm_head)
+    parts = part_bytes(cfg, dtype_bytes, ctx, quant, sparsity)
+    layer, prefix, embed, lm_head = parts.layer, parts.prefix, parts.embed, parts.lm_head
+    fixed = parts.kv_cache + parts.workspace + parts.norm + (embed if cfg.tie_word_embeddings else lm_head)
     problems: list[str] = []
-    room = budget_bytes - fixed
-    capacity = max(0, room // layer)
-    if room < 0:
+    row_sparse = sparsity > 0 and sparse_method == "griffin"
+    n_resident, slots, n_prefix = _place_layers(cfg.num_layers, budget_bytes - fixed, layer, prefix,
+                                                prefetch_depth, prefixes=row_sparse and prefix_resident)
+    if budget_bytes < fixed:
         problems.append(
             f"the device budget {fmt_bytes(budget_bytes)} is below the {fmt_bytes(fixed)} needed before "
-            f"any layer (KV cache for {ctx} tokens {fmt_bytes(kv)}, lm_head {fmt_bytes(max(lm_head, embed))}, "
-            f"workspace {fmt_bytes(workspace)})")
-    if capacity >= n_layers:
-        n_resident, slots = n_layers, 0
-    else:
-        n_resident, slots = max(0, capacity - prefetch_depth), prefetch_depth
-        if room >= 0 and capacity < prefetch_depth:
-            problems.append(
-                f"the device budget {fmt_bytes(budget_bytes)} cannot hold {prefetch_depth} streaming "
-                f"slot(s) of one layer ({fmt_bytes(layer)} each) beside the {fmt_bytes(fixed)} of KV "
-                f"cache, lm_head and workspace; raise --gpu-memory or lower --prefetch-depth")
-    n_prefix = 0
-    row_sparse = sparsity > 0 and sparse_method == "griffin"
-    if row_sparse and prefix_resident and slots and prefix < layer:
-        spare = max(0, room - slots * layer)
-        n_prefix = min(n_layers, spare // prefix)
-        n_resident = min(n_prefix, (spare - n_prefix * prefix) // (layer - prefix)) if n_prefix == n_layers else 0
-        n_prefix -= n_resident
-    streamed = tuple(range(n_resident, n_layers))
-    prefix_layers = streamed[:n_prefix]
+            f"any layer (KV cache for {ctx} tokens {fmt_bytes(parts.kv_cache)}, lm_head "
+            f"{fmt_bytes(max(lm_head, embed))}, workspace {fmt_bytes(parts.workspace)})")
+    elif slots and (budget_bytes - fixed) // layer < prefetch_depth:
+        problems.append(
+            f"the device budget {fmt_bytes(budget_bytes)} cannot hold {prefetch_depth} streaming "
+            f"slot(s) of one layer ({fmt_bytes(layer)} each) beside the {fmt_bytes(fixed)} of KV "
+            f"cache, lm_head and workspace; raise the device budget or lower the prefetch depth")
+    streamed = tuple(range(n_resident, cfg.num_layers))
     embed_on_device = cfg.tie_word_embeddings or (
-        not streamed and budget_bytes - fixed - n_layers * layer >= embed)
+        not streamed and budget_bytes - fixed - cfg.num_layers * layer >= embed)
     device_bytes = (fixed + (n_resident + slots) * layer + n_prefix * prefix
                     + (embed if embed_on_device and lm_head else 0))
     host_bytes = len(streamed) * layer + (0 if embed_on_device else embed)
@@ -172,17 +149,35 @@ def make_plan(
             f"{fmt_bytes(layer)}{'' if embed_on_device else ', embeddings'}"
             f"{', the CPU device tier' if device == 'cpu' else ''}), "
             f"{fmt_bytes(host_available_bytes)} available")
-    moved = link_bytes(layer, prefix, len(streamed), n_prefix, 0 if embed_on_device else h * b, row_sparse)
+    moved = link_bytes(layer, prefix, len(streamed), n_prefix, 0 if embed_on_device else parts.embed_row,
+                       row_sparse)
     return Plan(
-        device=device, dtype_bytes=b, ctx=ctx, prefetch_depth=prefetch_depth, budget_bytes=budget_bytes,
-        host_available_bytes=host_available_bytes, layer_bytes=layer,
-        resident_layers=tuple(range(n_resident)), streamed_layers=streamed, kv_cache_bytes=kv,
-        workspace_bytes=workspace, lm_head_bytes=lm_head, norm_bytes=norm, embed_bytes=embed,
+        device=device, dtype_bytes=dtype_bytes, ctx=ctx, prefetch_depth=prefetch_depth,
+        budget_bytes=budget_bytes, host_available_bytes=host_available_bytes, layer_bytes=layer,
+        resident_layers=tuple(range(n_resident)), streamed_layers=streamed, kv_cache_bytes=parts.kv_cache,
+        workspace_bytes=parts.workspace, lm_head_bytes=lm_head, norm_bytes=parts.norm, embed_bytes=embed,
         embed_on_device=embed_on_device, slot_count=slots, device_bytes=device_bytes,
-        host_bytes=host_bytes, link_bytes=moved,
-        problems=tuple(problems), sparsity=sparsity, prefix_layers=prefix_layers, prefix_bytes=prefix,
-        sparse_method=sparse_method, quant=quant.method, quant_group=store.group if quant.enabled else 0,
+        host_bytes=host_bytes, link_bytes=moved, problems=tuple(problems), sparsity=sparsity,
+        prefix_layers=streamed[:n_prefix], prefix_bytes=prefix, sparse_method=sparse_method,
+        quant=quant.method, quant_group=parts.quant_group,
     )
+
+
+def _place_layers(n_layers: int, room: int, layer: int, prefix: int, depth: int,
+                  prefixes: bool) -> tuple[int, int, int]:
+    """(whole resident layers, streaming slots, resident prefixes) in `room` bytes of device
+    memory: everything when it fits, else `depth` slots and, with prefixes, as many selected
+    prefixes as fit, the leftover turning prefixes into whole layers."""
+    capacity = max(0, room // layer)
+    if capacity >= n_layers:
+        return n_layers, 0, 0
+    n_resident, slots = max(0, capacity - depth), depth
+    if not (prefixes and prefix < layer):
+        return n_resident, slots, 0
+    spare = max(0, room - slots * layer)
+    n_prefix = min(n_layers, spare // prefix)
+    n_resident = min(n_prefix, (spare - n_prefix * prefix) // (layer - prefix)) if n_prefix == n_layers else 0
+    return n_resident, slots, n_prefix - n_resident
 
 
 def describe(plan: Plan, cfg: ModelConfig, name: str) -> str:
@@ -227,21 +222,21 @@ class OffloadConfig:
     gpu_memory: int | None = None  # device budget (on a CPU-only machine: the CPU tier's)
     host_memory: int | None = None  # host budget; default: psutil's available memory
     prefetch_depth: int = 2  # streaming slots = layers in flight ahead of compute
-    link_gbps: float | None = None  # emulate a host->device link of this speed (CPU device only)
+    emulate_link_gbps: float | None = None  # emulate a host->device link of this speed (CPU device only)
     schedule: str = "pipelined"  # or "serial": fetch each layer when needed (the oracle)
     resident_sparse: bool = True  # keep the selected neurons of streamed layers on the device
 
     def __post_init__(self) -> None:
         if self.gpu_memory is not None and self.gpu_memory <= 0:
-            raise FerryError(f"--gpu-memory must be positive, got {self.gpu_memory}")
+            raise SettingError("gpu_memory", f"must be positive, got {self.gpu_memory}")
         if self.host_memory is not None and self.host_memory <= 0:
-            raise FerryError(f"--host-memory must be positive, got {self.host_memory}")
+            raise SettingError("host_memory", f"must be positive, got {self.host_memory}")
         if self.prefetch_depth < 1:
-            raise FerryError(f"--prefetch-depth must be at least 1, got {self.prefetch_depth}")
-        if self.link_gbps is not None and not self.link_gbps > 0:
-            raise FerryError(f"--link-gbps must be positive, got {self.link_gbps}")
+            raise SettingError("prefetch_depth", f"must be at least 1, got {self.prefetch_depth}")
+        if self.emulate_link_gbps is not None and not self.emulate_link_gbps > 0:
+            raise SettingError("emulate_link_gbps", f"must be positive, got {self.emulate_link_gbps}")
         if self.schedule not in SCHEDULES:
-            raise FerryError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            raise SettingError("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
 
 def default_budgets(device: str, offload: OffloadConfig) -> tuple[int, int]:

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
-from ferry.errors import FerryError
-from ferry.scheduler.adaptive import ConfidenceTuner, draft_confidence
-from ferry.scheduler.decode import DecodeStats, Passes, Sampler, _finish
-from ferry.scheduler.schedule import spread
+from ferry.errors import SettingError
+from ferry.model.weights import Kind
+from ferry.scheduler.adaptive import ConfidenceTuner
+from ferry.scheduler.decode import DecodeStats, Passes, Sampler, finished
+from ferry.scheduler.drafting import Chunk, Drafter, draft_limit
 
 ACCEPT_TEMPERATURE = 0.6  # the full model's probabilities for acceptance are taken at this temperature
 MODES = ("dense", "sparse", "sirius")
@@ -29,7 +30,8 @@ SIGNALS = ("prob", "margin", "entropy")
 
 @dataclass(frozen=True)
 class CorrectionConfig:
-    mode: str = "dense"  # dense, sparse (no correction) or sirius (sparse + correction)
+    mode: str | None = None  # dense, sparse (no correction), sirius (sparse + correction); None:
+    # sirius when sparsity > 0, else dense (FerryConfig resolves it)
     period: int = 16  # K: one full pass per at most K committed tokens
     threshold: float = 0.1  # absolute probability a draft needs under the full model
     accept: str = "threshold"  # or strict: a draft must equal the full model's argmax
@@ -39,19 +41,21 @@ class CorrectionConfig:
     speculate: bool = True  # draft on during a streaming full pass (when the sparse set is resident)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise FerryError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.period < 1:
-            raise FerryError(f"--period must be at least 1, got {self.period}")
+        if self.mode is not None and self.mode not in MODES:
+            raise SettingError("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not isinstance(self.period, int) or self.period < 1:
+            raise SettingError("max_period" if self.adaptive else "period", f"must be at least 1, got {self.period!r}")
         if not (math.isfinite(self.threshold) and 0 <= self.threshold <= 1):
-            raise FerryError(f"--threshold must be a probability in [0, 1], got {self.threshold}")
+            raise SettingError("threshold", f"must be a probability in [0, 1], got {self.threshold}")
         if self.accept not in ACCEPT_RULES:
-            raise FerryError(f"--accept must be threshold or strict, got {self.accept!r}")
+            raise SettingError("accept", f"must be threshold or strict, got {self.accept!r}")
         p = self.draft_confidence
         if p is not None and not (math.isfinite(p) and 0 <= p <= 1):
-            raise FerryError(f"--draft-confidence must be in [0, 1], got {p}")
+            raise SettingError("draft_confidence", f"must be in [0, 1], got {p}")
+        if p is not None and not self.adaptive:
+            raise SettingError("draft_confidence", "needs period auto")
         if self.signal not in SIGNALS:
-            raise FerryError(f"confidence signal must be one of {', '.join(SIGNALS)}, got {self.signal!r}")
+            raise SettingError("signal", f"must be one of {', '.join(SIGNALS)}, got {self.signal!r}")
 
 
 def accepted_prefix(full_logits: torch.Tensor, drafts: list[int], cfg: CorrectionConfig) -> int:
@@ -70,125 +74,68 @@ def accepted_prefix(full_logits: torch.Tensor, drafts: list[int], cfg: Correctio
     return int(bad[0]) if len(bad) else len(drafts)
 
 
-@dataclass
-class Chunk:
-    """A committed token at `start` and the sparse drafts that follow it, awaiting a full pass."""
-
-    start: int  # position of the committed head token
-    last: int  # the token the next sparse step extends
-    limit: int  # drafts allowed (period, max new tokens, context)
-    drafts: list[int] = field(default_factory=list)
-    confidences: list[float] = field(default_factory=list)
-    stopped: bool = False  # a stop token or an unsure draft ended drafting
-
-    def can_draft(self) -> bool:
-        return not self.stopped and len(self.drafts) < self.limit
-
-
-def draft_limit(cfg: CorrectionConfig, max_new: int, produced: int, capacity: int, start: int) -> int:
-    """Drafts a chunk headed at `start` may hold: K-1, fewer near max_new or the context end."""
-    return max(0, min(cfg.period - 1, max_new - produced, capacity - start - 1))
-
-
-class Drafter:
-    """Runs sparse steps for a chunk and records their confidences (adaptive period)."""
-
-    def __init__(self, passes: Passes, sample: Sampler, stop_ids: frozenset[int], stats: DecodeStats,
-                 cfg: CorrectionConfig, tuner: ConfidenceTuner | None):
-        self.passes, self.sample, self.stop_ids, self.stats = passes, sample, stop_ids, stats
-        self.cfg, self.tuner = cfg, tuner
-        self.unsure_below = 0.0
-
-    def step(self, chunk: Chunk) -> None:
-        logits = self.passes.sparse_step(chunk.last)
-        chunk.last = self.sample(logits)
-        chunk.drafts.append(chunk.last)
-        self.stats.steps += 1
-        self.stats.sparse_steps += 1
-        if chunk.last in self.stop_ids:  # nothing is drafted past a stop token
-            chunk.stopped = True
-        elif self.tuner:
-            chunk.confidences.append(draft_confidence(logits, chunk.last, self.cfg.signal))
-            chunk.stopped = chunk.confidences[-1] < self.unsure_below
-
-    def fill(self, chunk: Chunk) -> None:
-        while chunk.can_draft():
-            self.step(chunk)
-
-    def continuation(self, chunk: Chunk, layers: int) -> Callable[[int], None]:
-        """`between` for a full pass: after each layer, the speculative steps due there."""
-        counts = spread(chunk.limit, layers)
-
-        def between(layer: int) -> None:
-            for _ in range(counts[layer]):
-                if chunk.can_draft():
-                    self.step(chunk)
-                    self.stats.speculative_steps += 1
-        return between
-
-
 def decode_sirius(passes: Passes, first: int, max_new: int, sample: Sampler,
                   stop_ids: frozenset[int], stats: DecodeStats, cfg: CorrectionConfig,
                   tuner: ConfidenceTuner | None = None, speculate: bool = False,
                   layers: int = 1) -> Iterator[int]:
-    """tuner (adaptive period): drafting stops after a draft whose confidence is under its
-    threshold; it learns from every checked chunk.
+    """Committed tokens, `first` (the prefill's) included.
 
-    speculate (the sparse set is resident, the full pass streams): the sparse model also drafts
-    the token after the chunk (s0) before the pass, and while the pass streams its `layers`
-    layers it goes on drafting the next chunk from s0. When the pass accepts every draft and s0,
-    s0 is committed in place of the bonus token and the new drafts form the next chunk;
-    otherwise they are discarded and the cache rolled back, as without speculation.
+    tuner (adaptive period): drafting stops after a draft whose confidence is under its
+    threshold; it learns from every checked chunk. speculate (the sparse set is resident, the
+    full pass streams its `layers` layers): see `ferry.scheduler.drafting`.
     """
-    cache, draft = passes.cache, Drafter(passes, sample, stop_ids, stats, cfg, tuner)
+    cache, drafter = passes.cache, Drafter(passes, sample, stop_ids, stats, cfg.signal, tuner)
     token, produced = first, 1
     yield token
-    chunk: Chunk | None = None  # drafts a speculative continuation carried over
-    while not _finish(stats, token, produced, max_new, cache, stop_ids):
+    carried: Chunk | None = None  # the next chunk, drafted during the last pass and kept
+    while not finished(stats, token, produced, max_new, cache, stop_ids):
         t0 = time.perf_counter()
-        draft.unsure_below = tuner.threshold() if tuner else 0.0
-        if chunk is None:
-            start = cache.length
-            chunk = Chunk(start, token, draft_limit(cfg, max_new, produced, cache.capacity, start))
-            passes.expect(["sparse"] * chunk.limit + ["full", "sparse"])  # prefetch knows what comes
-            draft.fill(chunk)
-        start, n = chunk.start, len(chunk.drafts)
-        nxt, between = None, None
-        after = draft_limit(cfg, max_new, produced + n + 1, cache.capacity, start + n + 1)
-        if speculate and n and not chunk.stopped and after:  # after > 0: s0 is not the last token
-            chunk.limit += 1
-            draft.step(chunk)  # s0, checked by this pass like a draft
-            nxt = Chunk(start + n + 1, chunk.last, 0 if chunk.stopped else after)
-            between = draft.continuation(nxt, layers)
-        tokens = torch.tensor([token, *chunk.drafts[:n]], dtype=torch.long, device=passes.step_input.device)
-        passes.expect(["full", "sparse"])
-        full_logits = passes.full(tokens, start, between)  # [1 + n, V]
-        kept = accepted_prefix(full_logits, chunk.drafts, cfg)
-        if tuner:
-            tuner.observe(chunk.confidences, kept)
-        stats.steps += 1
-        stats.full_passes += 1
-        stats.drafts += len(chunk.drafts)
-        stats.accepted += kept
-        stats.corrections += kept < n
-        committed = chunk.drafts[:kept]
-        if nxt is not None and kept == n + 1:  # s0 accepted: the continuation stands
+        drafter.new_cycle()
+        # 1. Draft: up to K-1 sparse tokens after the last committed one.
+        chunk = carried or drafter.draft(token, cache.length, draft_limit(
+            cfg.period, max_new, produced, cache.capacity, cache.length))
+        # 2. Speculate: s0 now, the next chunk between the layers of the full pass.
+        n = len(chunk.drafts)
+        room = draft_limit(cfg.period, max_new, produced + n + 1, cache.capacity, chunk.after)
+        nxt = drafter.speculate(chunk, room) if speculate else None
+        # 3. Verify: one full pass over the head and the drafts rewrites their KV entries.
+        tokens = torch.tensor([chunk.head, *chunk.drafts], dtype=torch.long, device=passes.step_input.device)
+        passes.expect([Kind.FULL, Kind.SPARSE])
+        logits = passes.full(tokens, chunk.start, nxt and drafter.continuation(nxt, layers))  # [1 + n, V]
+        # 4. Accept the longest likely prefix of what the pass judged.
+        kept = accepted_prefix(logits, chunk.checked, cfg)
+        record_pass(stats, tuner, chunk, kept)
+        # 5. Commit: the continuation stands, or roll back and add the full model's own token.
+        if nxt is not None and kept == n + 1:
             stats.speculative_kept += 1
-            cache.length = nxt.start + len(nxt.drafts)  # the continuation's KV entries
-            next_token, chunk = None, nxt
+            commit, carried = chunk.checked, nxt
+            cache.length = nxt.cached
         else:
-            kept = min(kept, n)
-            cache.rollback(start + 1 + kept)  # token and the kept drafts now hold full-model KV
-            next_token = sample(full_logits[kept]) if produced + kept < max_new else None
-            committed, chunk = chunk.drafts[:kept], None
+            cache.rollback(chunk.start + 1 + kept)
+            commit, carried = chunk.drafts[:kept], None
+            if produced + kept < max_new:  # a correction after a rejection, else a bonus token
+                commit.append(sample(logits[kept]))
         stats.decode_s += time.perf_counter() - t0
-        for token in committed:
-            produced += 1
-            yield token
-            if token in stop_ids:
-                break
-        if token in stop_ids or next_token is None:
-            continue  # _finish records stop or length; or the continuation goes on
-        token = next_token
-        produced += 1
-        yield token
+        # 6. Hand out what was committed, up to a stop token; the last one heads the next chunk.
+        commit = until_stop(commit, stop_ids)
+        produced += len(commit)
+        yield from commit
+        token = commit[-1]
+
+
+def until_stop(tokens: list[int], stop_ids: frozenset[int]) -> list[int]:
+    """The tokens up to and including the first stop token."""
+    end = next((i + 1 for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+    return tokens[:end]
+
+
+def record_pass(stats: DecodeStats, tuner: ConfidenceTuner | None, chunk: Chunk, kept: int) -> None:
+    """Count one checked chunk (and let the adaptive period learn from it)."""
+    if tuner:
+        tuner.observe(chunk.confidences, kept)
+    checked = chunk.checked
+    stats.steps += 1
+    stats.full_passes += 1
+    stats.drafts += len(checked)
+    stats.accepted += kept
+    stats.corrections += kept < len(chunk.drafts)

@@ -77,7 +77,7 @@ class Passes:
                        self.cache.length, all_logits=False)[-1]
 
 
-def _finish(stats: DecodeStats, token: int, produced: int, max_new: int, cache: KVCache,
+def finished(stats: DecodeStats, token: int, produced: int, max_new: int, cache: KVCache,
             stop_ids: frozenset[int]) -> bool:
     """Whether generation ends after `token` (recording why)."""
     if token in stop_ids:
@@ -94,7 +94,7 @@ def decode_stepwise(passes: Passes, first: int, max_new: int, sample: Sampler,
     """One token per pass: dense (full weights) or sparse-only (no correction)."""
     token, produced = first, 1
     yield token
-    while not _finish(stats, token, produced, max_new, passes.cache, stop_ids):
+    while not finished(stats, token, produced, max_new, passes.cache, stop_ids):
         t0 = time.perf_counter()
         logits = passes.sparse_step(token) if sparse else passes.full_step(token)
         token = sample(logits)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ferry.errors import FerryError
+from ferry.errors import SettingError
 
 
 @dataclass(frozen=True)
@@ -18,9 +18,9 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise FerryError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise SettingError("temperature", f"must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise FerryError(f"top-p must be in (0, 1], got {self.top_p}")
+            raise SettingError("top_p", f"must be in (0, 1], got {self.top_p}")
 
 
 class Sampler:

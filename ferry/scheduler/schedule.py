@@ -8,7 +8,7 @@ form a queue in use order, fetch n goes to slot n % depth, and under the pipelin
 fetch n + depth is issued as soon as compute releases fetch n, so a chunk's first fetches are
 issued while the previous chunk's full pass finishes and stay in flight while the resident
 sparse steps run; under the serial schedule each layer is fetched when needed and waited for.
-Tests compare the executor's recorded trace with this list, and `ferry plan --schedule` prints
+Tests compare the executor's recorded trace with this list, and `ferry plan --show-schedule` prints
 it.
 """
 
@@ -21,8 +21,6 @@ from ferry.model.weights import Kind
 from ferry.offload.layer_store import Where
 from ferry.offload.layer_store import fetch_span as span_of
 from ferry.offload.planner import Plan, fmt_bytes
-
-FULL, SPARSE = Kind.FULL, Kind.SPARSE  # short names ferry/cli.py imports
 
 
 @dataclass(frozen=True)

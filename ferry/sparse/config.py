@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ferry.errors import FerryError
+from ferry.errors import SettingError
 
 METHODS = ("griffin", "cats")
 
@@ -17,6 +17,6 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.sparsity) and 0 <= self.sparsity < 1):
-            raise FerryError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+            raise SettingError("sparsity", f"must be in [0, 1), got {self.sparsity}")
         if self.method not in METHODS:
-            raise FerryError(f"--sparse-method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise SettingError("sparse_method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")

@@ -1,11 +1,12 @@
 """Where the time of one generation goes: per phase, per layer, on the link.
 
-`profile_generation` attaches a Profiler to the engine for one generation. The engine then runs
-on timed views of its weights (`TimedPassView`): every forward pass and every layer in it is
-marked with the compute-side clock of `ferry.offload.transfer` (perf_counter on the CPU device;
-on a GPU, timing events recorded on the compute stream and read once after the run, so nothing
-synchronizes per layer). The link records each copy on the same timeline. Without a profiler the
-engine uses its plain views: nothing is marked and nothing extra is called.
+`profile_generation` runs one generation of an engine on timed views of its weights
+(`TimedPassView`), handed to `ferry.engine.generation.generate` as its `views`: every forward
+pass and every layer in it is marked with the compute-side clock of `ferry.offload.transfer`
+(perf_counter on the CPU device; on a GPU, timing events recorded on the compute stream and read
+once after the run, so nothing synchronizes per layer). The link records each copy on the same
+timeline. A generation that is not profiled gets no views: it runs on the runtime's plain ones,
+so nothing is marked and nothing extra is called.
 
 Per layer, four marks: acquire starts (a), the weights are ready (b), release starts (c), release
 returns (d). wait = (b - a) + (d - c): time compute spent blocked on this layer's copy, plus
@@ -24,8 +25,12 @@ import numpy as np
 import psutil
 import torch
 
-from ferry.offload.costmodel import GPUS, Gpu, predict_for_plan
+from ferry.engine.config import DTYPES
+from ferry.engine.engine import Engine
+from ferry.engine.generation import Generation, TokenStream, Views, generate
+from ferry.engine.runtime import Runtime
 from ferry.model.weights import Kind
+from ferry.offload.costmodel import GPUS, Gpu, predict_for_plan
 from ferry.offload.executor import PassView
 from ferry.offload.transfer import copy_gbps, make_clock
 
@@ -94,23 +99,17 @@ class TimedPassView(PassView):
         self.rec.sample_rss()
 
 
-class Profiler:
-    """What `Engine._views` asks for while a generation is profiled."""
-
-    def __init__(self, device: torch.device):
-        self.rec = Recorder(device)
-
-    def views(self, full, sparse):
-        ex = full.layers.executor
-        return (replace(full, layers=TimedPassView(ex, Kind.FULL, self.rec)),
-                replace(sparse, layers=TimedPassView(ex, Kind.SPARSE, self.rec)))
+def timed_views(rt: Runtime, rec: Recorder) -> Views:
+    """The runtime's full and sparse weights, their layers seen through timed pass views."""
+    return (replace(rt.weights, layers=TimedPassView(rt.executor, Kind.FULL, rec)),
+            replace(rt.sparse_weights, layers=TimedPassView(rt.executor, Kind.SPARSE, rec)))
 
 
 @dataclass
 class Run:
     """One profiled generation, marks resolved to seconds since the profiler started."""
 
-    generation: object  # ferry.engine.Generation
+    generation: Generation
     total_s: float
     token_s: list[float]  # when each committed token reached the caller
     passes: list[dict]
@@ -119,34 +118,33 @@ class Run:
     device_peak: int | None
 
 
-def profile_generation(engine, prompt: str, **options) -> Run:
-    """Generate once with the profiler attached; options as for Engine.stream."""
-    engine.executor.drain()  # no copy of an earlier generation is still in flight
-    cuda = engine.device.type == "cuda"
+def profile_generation(engine: Engine, prompt: str, **options) -> Run:
+    """Generate once on timed views; options as for `Engine.stream`."""
+    rt = engine.runtime
+    request = engine.request(prompt, **options)
+    rt.executor.drain()  # no copy of an earlier generation is still in flight
+    cuda = rt.device.type == "cuda"
     if cuda:
-        torch.cuda.reset_peak_memory_stats(engine.device)
-    profiler = Profiler(engine.device)
-    rec = profiler.rec
-    engine.link.start_trace()
-    engine.profiler = profiler
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    rec = Recorder(rt.device)
+    rt.link.start_trace()
     token_times: list[float] = []
     try:
-        stream = engine.stream(prompt, **options)
+        stream = TokenStream(generate(rt, request, views=timed_views(rt, rec)))
         for token in stream:
-            if token.id >= 0:
+            if token.id is not None:  # None: only text the detokenizer held back
                 token_times.append(time.perf_counter())
         total = time.perf_counter() - rec.host_t0
     finally:
-        engine.profiler = None
-        spans = engine.link.stop_trace()
+        spans = rt.link.stop_trace()
     rec.sample_rss()
     seconds = rec.clock.seconds
     return Run(
         generation=stream.result, total_s=total, token_s=[t - rec.host_t0 for t in token_times],
         passes=_net_of_speculation([_resolve_pass(p, seconds) for p in rec.passes if p.end is not None]),
-        copies=[_resolve_copy(s, seconds, engine.plan) for s in spans],
+        copies=[_resolve_copy(s, seconds, rt.plan) for s in spans],
         rss_peak=rec.rss_peak,
-        device_peak=torch.cuda.max_memory_allocated(engine.device) if cuda else None)
+        device_peak=torch.cuda.max_memory_allocated(rt.device) if cuda else None)
 
 
 def _resolve_pass(p: PassMarks, seconds) -> dict:
@@ -186,19 +184,18 @@ def _resolve_copy(span: tuple, seconds, plan) -> dict:
 
 # --- the summary ---------------------------------------------------------------------------------
 
-def summarize(engine, run: Run, prediction: dict | None = None) -> dict:
+def summarize(engine: Engine, run: Run, prediction: dict | None = None) -> dict:
     """The report `ferry profile --json` prints (one JSON object)."""
-    g = run.generation
-    s = g.stats
+    rt, s = engine.runtime, run.generation.stats
     tokens = run.token_s
     gaps = np.diff(tokens) if len(tokens) > 1 else np.array([])
     phases = _phases(run.passes)
     in_passes = sum(v["total_s"] for v in phases.values())
     return {
-        "model": str(engine.folder),
-        "device": engine.device.type, "dtype": _dtype_name(engine.dtype),
-        "mode": s.mode, "schedule": engine.offload.schedule, "link_kind": _link_name(engine),
-        "layers": engine.config.num_layers, "streamed_layers": len(engine.plan.streamed_layers),
+        "model": str(rt.folder),
+        "device": rt.device.type, "dtype": _dtype_name(rt.dtype),
+        "mode": s.mode, "schedule": engine.config.offload.schedule, "link_kind": _link_name(engine),
+        "layers": engine.model.num_layers, "streamed_layers": len(engine.plan.streamed_layers),
         "prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens, "finish_reason": s.finish_reason,
         "total_s": run.total_s,
         "ttft_s": tokens[0] if tokens else None,
@@ -207,7 +204,7 @@ def summarize(engine, run: Run, prediction: dict | None = None) -> dict:
         "token_latency_s": _percentiles(gaps),
         "phases": phases,
         "other_s": run.total_s - in_passes,  # sampling, acceptance, neuron selection, Python
-        "per_layer": _per_layer(engine.plan, engine.config.num_layers, run.passes),
+        "per_layer": _per_layer(engine.plan, engine.model.num_layers, run.passes),
         "link": {"bytes": s.h2d_bytes, "copies": len(run.copies), "gbps": s.h2d_gbps,
                  "overlap": s.overlap, "bytes_per_token": s.h2d_bytes_per_token},
         "aal": s.aal, "corrected_fraction": s.corrected_fraction,
@@ -274,33 +271,35 @@ def _max_rss() -> int | None:
     return kib if sys.platform == "darwin" else kib * 1024  # macOS reports bytes
 
 
-def _link_name(engine) -> str:
-    if engine.device.type == "cuda":
+def _link_name(engine: Engine) -> str:
+    emulated = engine.config.offload.emulate_link_gbps
+    if engine.runtime.device.type == "cuda":
         return "cuda copy stream"
-    if engine.offload.link_gbps:
-        return f"emulated {engine.offload.link_gbps:g} GB/s"
+    if emulated:
+        return f"emulated {emulated:g} GB/s"
     return "in-order (CPU)"
 
 
 # --- the cost model's prediction for the measured run ---------------------------------------------
 
-def bandwidths(engine, stats, gpu: str | None) -> tuple[float | None, str, float, str]:
+def bandwidths(engine: Engine, stats, gpu: str | None) -> tuple[float | None, str, float, str]:
     """(link GB/s, where from, memory GB/s, where from) for the prediction."""
-    if engine.offload.link_gbps:
-        link, link_src = engine.offload.link_gbps, "emulated (--link-gbps)"
+    device, emulated = engine.runtime.device, engine.config.offload.emulate_link_gbps
+    if emulated:
+        link, link_src = emulated, "emulated (--emulate-link)"
     elif stats.h2d_bytes > 0:
         link, link_src = stats.h2d_gbps, "measured (this run's copies)"
     else:
         link, link_src = None, "nothing crossed the link"
-    if gpu is None and engine.device.type == "cuda":
-        name = torch.cuda.get_device_name(engine.device).lower().replace(" ", "")
+    if gpu is None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower().replace(" ", "")
         gpu = next((key for key in GPUS if all(part in name for part in key.split("-"))), None)
     if gpu is not None:
         return link, link_src, GPUS[gpu].memory_gbps, f"preset {gpu}"
-    return link, link_src, copy_gbps(engine.device), f"measured {engine.device.type} copy"
+    return link, link_src, copy_gbps(device), f"measured {device.type} copy"
 
 
-def predict_run(engine, run: Run, gpu: str | None = None) -> dict | None:
+def predict_run(engine: Engine, run: Run, gpu: str | None = None) -> dict | None:
     """The cost model's s/token for this run: its plan's bytes, the link and memory bandwidths,
     the run's mean chunk length as the period and its measured AAL; next to the measured s/token."""
     s = run.generation.stats
@@ -309,7 +308,7 @@ def predict_run(engine, run: Run, gpu: str | None = None) -> dict | None:
         return None
     link, link_src, mem, mem_src = bandwidths(engine, s, gpu)
     card = Gpu("measured run", memory_gbps=mem, link_gbps=link or 1e9)  # nothing streams: no link term
-    schedule = engine.offload.schedule
+    schedule = engine.config.offload.schedule
     plain = predict_for_plan(engine.plan, card, period=1, aal=1.0, schedule=schedule)
     full, sparse = plain["dense"].s_per_token, plain["sparse"].s_per_token
     period = aal = None
@@ -332,6 +331,4 @@ def predict_run(engine, run: Run, gpu: str | None = None) -> dict | None:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    from ferry.engine import DTYPES
-
     return next((name for name, d in DTYPES.items() if d == dtype), str(dtype))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ferry.errors import FerryError
+from ferry.errors import FerryError, SettingError
 
 
 def encode_prompt(tokenizer: Any, prompt: str, chat: bool | None) -> list[int]:
@@ -17,7 +17,7 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool | None) -> list[int]:
         chat = bool(getattr(tokenizer, "chat_template", None))
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise FerryError("--chat: this model's tokenizer has no chat template; use --no-chat")
+            raise SettingError("chat", "is on, but this model's tokenizer has no chat template")
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )

@@ -1,4 +1,4 @@
-"""`ferry profile` output: the human report, the Chrome/Perfetto trace, and the command itself."""
+"""`ferry profile` output: the human report and the Chrome/Perfetto trace."""
 
 from __future__ import annotations
 
@@ -7,24 +7,11 @@ from pathlib import Path
 
 from ferry.errors import FerryError
 from ferry.offload.planner import fmt_bytes
-from ferry.profiler import PHASES, Run, predict_run, profile_generation, summarize
+from ferry.profile.profiler import PHASES, Run
 
 PHASE_NAMES = {"prefill": "prefill", "sparse_step": "sparse step", "full_pass": "full pass",
                "speculative_step": "speculative"}
 COMPUTE, COPY, TOKENS = 1, 2, 3  # trace thread ids
-
-
-def profile_command(engine, prompt: str, args) -> None:
-    """Warm up, profile one generation, print the report (and write the trace)."""
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, seed=args.seed, chat=args.chat, ignore_eos=args.ignore_eos)
-    for _ in range(args.warmup):
-        engine.generate(prompt, **options)
-    run = profile_generation(engine, prompt, **options)
-    report = summarize(engine, run, predict_run(engine, run, args.gpu))
-    if args.trace:
-        write_trace(args.trace, run)
-    print(json.dumps(report) if args.json else format_report(report), flush=True)
 
 
 def check_trace_path(path: str | None) -> None:

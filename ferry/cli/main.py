@@ -1,0 +1,49 @@
+"""The `ferry` command: the parser, the dispatch to a subcommand, and how errors end.
+
+Mistakes a user can fix end with one line on stderr and exit code 2, never a traceback: flag
+values argparse can check are rejected while parsing; a setting the configuration rejects is
+reported under its flag (`ferry: error: --period must be at least 1, got 0`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ferry.cli import generate, plan, profile
+from ferry.cli.flags import setting_message
+from ferry.errors import FerryError, SettingError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferry", description="Run large language models on one GPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    generate.add_parser(sub)
+    profile.add_parser(sub)
+    plan.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        args.run(args)
+    except SettingError as err:
+        print(f"ferry: error: {setting_message(err)}", file=sys.stderr)
+        return 2
+    except FerryError as err:
+        print(f"ferry: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (ferry ... | head); nothing left to say
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""`build_runtime(config)`: everything a generation needs, loaded once.
+
+In order: the model source becomes a local checkpoint folder, device and dtype are chosen, the
+tokenizer and its stop ids are read, the memory planner decides what stays on the device, the
+link is opened, the weights are loaded (quantized and cached when asked) into the executor,
+CATS thresholds are calibrated when asked, and the adaptive period's tuner is made. Each step is
+one small function below; `Runtime` holds the results.
+
+The KV cache and rope tables (`Runtime.context`) are sized per request and reused: they grow
+only when a request needs more context than any before it, up to what the plan reserved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ferry.engine.config import DTYPES, FerryConfig, planned_ctx
+from ferry.errors import FerryError, SettingError
+from ferry.model.config import ModelConfig
+from ferry.model.kv_cache import KVCache
+from ferry.model.rope import Rope, rope_for
+from ferry.model.weights import Kind, ModelWeights
+from ferry.offload.accounting import d_sparse, sparse_cost_ratio
+from ferry.offload.checkpoint import Checkpoint, open_checkpoint
+from ferry.offload.executor import LayerExecutor, PassView
+from ferry.offload.loader import LoadReport, load_model
+from ferry.offload.planner import Plan, default_budgets, make_plan
+from ferry.offload.sources import resolve_model
+from ferry.offload.cpu_links import EmulatedLink, InOrderLink
+from ferry.offload.transfer import CudaLink, Link
+from ferry.scheduler.adaptive import ConfidenceTuner
+from ferry.sparse.calibrate import load_or_calibrate, thresholds_for
+
+
+@dataclass
+class Context:
+    """The KV cache and rope tables of the current request size (None before the first)."""
+
+    cache: KVCache | None = None
+    rope: Rope | None = None
+
+
+@dataclass
+class Runtime:
+    """The loaded parts of one model under one configuration."""
+
+    config: FerryConfig
+    folder: Path  # the local checkpoint folder
+    checkpoint: Checkpoint
+    model: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: Any
+    stop_ids: frozenset[int]
+    plan: Plan
+    link: Link
+    weights: ModelWeights  # full-weight passes
+    sparse_weights: ModelWeights  # sparse steps (the selected neurons)
+    executor: LayerExecutor
+    load_report: LoadReport
+    tuner: ConfidenceTuner | None  # adaptive period; its statistics persist across requests
+    context: Context
+
+    def close(self) -> None:
+        """Stop the link's worker (emulated link); the runtime is unusable afterwards."""
+        self.link.close()
+
+
+def build_runtime(config: FerryConfig, tokenizer: Any = None) -> Runtime:
+    """Load the model `config` describes. tokenizer: one already loaded for this model."""
+    folder = resolve_model(config.runtime.model)
+    checkpoint = open_checkpoint(folder)
+    device = torch.device(pick_device(config.runtime.device))
+    dtype = pick_dtype(config.runtime.dtype, checkpoint.hf_config, device)
+    tokenizer = tokenizer or load_tokenizer(folder)
+    stops = stop_ids(checkpoint.hf_config, tokenizer, folder)
+    budget, host = default_budgets(device.type, config.offload)
+    plan = plan_for(config, checkpoint.config, device.type, torch.finfo(dtype).bits // 8, budget, host).check()
+    link = make_link(device, config.offload.emulate_link_gbps)
+    weights, report = load_model(checkpoint, plan, dtype, device, link,
+                                 pipelined=config.offload.schedule == "pipelined",
+                                 progress=config.runtime.progress, quant=config.quant)
+    executor = weights.layers.executor
+    if config.sparse and config.sparsity.method == "cats":
+        table = load_or_calibrate(folder, checkpoint.config, weights, tokenizer, dtype, device,
+                                  config.runtime.progress, variant=config.quant.method)
+        executor.set_thresholds(thresholds_for(table, config.sparsity.sparsity))
+    return Runtime(
+        config=config, folder=folder, checkpoint=checkpoint, model=checkpoint.config, device=device,
+        dtype=dtype, tokenizer=tokenizer, stop_ids=stops, plan=plan, link=link, weights=weights,
+        sparse_weights=replace(weights, layers=PassView(executor, Kind.SPARSE)), executor=executor,
+        load_report=report, tuner=make_tuner(config, plan, checkpoint.config), context=Context())
+
+
+def plan_for(config: FerryConfig, model: ModelConfig, device: str, dtype_bytes: int, budget: int,
+             host: int) -> Plan:
+    """The memory plan of this configuration (what `build_runtime` loads and `ferry plan` shows)."""
+    return make_plan(
+        model, dtype_bytes=dtype_bytes, budget_bytes=budget, host_available_bytes=host,
+        ctx=planned_ctx(config.runtime.ctx, model.max_position_embeddings),
+        prefetch_depth=config.offload.prefetch_depth, device=device, sparsity=config.plan_sparsity,
+        sparse_method=config.sparsity.method, prefix_resident=config.offload.resident_sparse,
+        quant=config.quant)
+
+
+def make_tuner(config: FerryConfig, plan: Plan, model: ModelConfig) -> ConfidenceTuner | None:
+    c = config.correction
+    if not (c.adaptive and config.sparse):
+        return None
+    ratio = sparse_cost_ratio(plan.step_bytes, d_sparse(model, config.sparsity.sparsity, config.sparsity.method))
+    return ConfidenceTuner(c.period - 1, ratio, fixed=c.draft_confidence)
+
+
+def ensure_context(rt: Runtime, prompt_len: int, max_new_tokens: int) -> Context:
+    """Size the KV cache and rope tables for a request (allocating only when they grow)."""
+    limit = rt.plan.ctx  # what the memory plan reserved
+    fixed = rt.config.runtime.ctx
+    if prompt_len > limit:
+        hint = "" if fixed else " (load with a larger ctx)"
+        raise FerryError(f"the prompt has {prompt_len} tokens, more than the context of {limit} tokens{hint}")
+    need = fixed or min(limit, prompt_len + max(max_new_tokens, 1))
+    ctx = rt.context
+    if ctx.cache is None or ctx.cache.capacity < need:
+        ctx.cache = KVCache(rt.model, need, rt.dtype, rt.device)
+        ctx.rope = rope_for(rt.model, need, rt.dtype, rt.device)
+    return ctx
+
+
+def make_link(device: torch.device, emulate_gbps: float | None) -> Link:
+    if device.type == "cuda":
+        if emulate_gbps is not None:
+            raise SettingError("emulate_link_gbps", "works on the CPU device only; a GPU has a real link")
+        return CudaLink(device)
+    return EmulatedLink(emulate_gbps) if emulate_gbps else InOrderLink()
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def pick_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
+    """auto: the checkpoint's half precision on GPU; bf16 on CPU, where its GEMV is fastest."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda" and getattr(hf_config, "dtype", None) in (torch.float16, "float16"):
+        return torch.float16
+    return torch.bfloat16
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise FerryError(f"could not load the tokenizer from {folder}: {err}") from None
+
+
+def stop_ids(hf_config, tokenizer, folder: Path) -> frozenset[int]:
+    """Every id the checkpoint calls end-of-sequence (Llama 3 has several)."""
+    ids: set[int] = set()
+    sources = [getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id]
+    if (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        sources.append(GenerationConfig.from_pretrained(folder).eos_token_id)
+    for src in sources:
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(i) for i in src)
+    return frozenset(ids)
