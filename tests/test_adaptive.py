@@ -9,7 +9,7 @@ import ferry
 from ferry.scheduler.adaptive import BINS, ConfidenceTuner, draft_confidence, expected_cost
 from ferry.scheduler.correction import CorrectionConfig, decode_sirius
 from ferry.scheduler.decode import DecodeStats
-from test_correction import EOS, PROMPTS, V, MockPasses, truth
+from helpers import EOS, PROMPTS, V, MockPasses, truth
 
 
 class SoftMock(MockPasses):
@@ -100,7 +100,7 @@ def test_auto_period_strict_reproduces_dense_greedy(confidence, schedule, tiny_m
     dense = ferry.load(folder, dtype="fp32", ctx=64, progress=False)
     streaming = {}
     if schedule == "serial":  # every layer streams, fetched when needed
-        from test_model import streaming_budget
+        from helpers import streaming_budget
         streaming = dict(gpu_memory=streaming_budget(dense.model, resident=0, depth=2, ctx=64), schedule="serial")
     auto = ferry.load(folder, dtype="fp32", ctx=64, progress=False, sparsity=0.5, accept="strict",
                       period="auto", draft_confidence=confidence, **streaming)

@@ -8,49 +8,7 @@ import torch
 import ferry
 from ferry.scheduler.correction import CorrectionConfig, accepted_prefix, decode_sirius
 from ferry.scheduler.decode import DecodeStats
-
-V, EOS = 20, 19
-
-
-class MockCache:
-    def __init__(self, capacity: int, length: int):
-        self.capacity, self.length = capacity, length
-
-    def rollback(self, length: int) -> None:
-        assert 0 <= length <= self.length
-        self.length = length
-
-
-class MockPasses:
-    """Full model: at position p it predicts full[p]; sparse model predicts sparse[p]."""
-
-    def __init__(self, full: dict[int, int], sparse: dict[int, int], capacity=100, prompt=5):
-        self.full_pred, self.sparse_pred = full, sparse
-        self.cache = MockCache(capacity, prompt)
-        self.step_input = torch.empty(1, dtype=torch.long)
-        self.checked: list[int] = []  # every token the full model has seen, by position
-        self.checked_at: dict[int, int] = {}
-
-    def expect(self, kinds) -> None:
-        pass
-
-    def sparse_step(self, token: int) -> torch.Tensor:
-        pos = self.cache.length
-        self.cache.length += 1
-        return torch.nn.functional.one_hot(torch.tensor(self.sparse_pred.get(pos, 0)), V).float() * 10
-
-    LAYERS = 4
-
-    def full(self, tokens: torch.Tensor, start: int, between=None) -> torch.Tensor:
-        assert start <= self.cache.length
-        for i, t in enumerate(tokens.tolist()):
-            self.checked_at[start + i] = t
-        for layer in range(self.LAYERS):  # speculative steps write after the pass's positions
-            if between is not None:
-                between(layer)
-        self.cache.length = start + len(tokens)
-        rows = [self.full_pred.get(start + i, 0) for i in range(len(tokens))]
-        return torch.nn.functional.one_hot(torch.tensor(rows), V).float() * 10
+from helpers import EOS, PROMPTS, MockPasses, truth
 
 
 def run(passes, max_new=40, period=4, accept="strict", first=7):
@@ -58,10 +16,6 @@ def run(passes, max_new=40, period=4, accept="strict", first=7):
     cfg = CorrectionConfig(mode="sirius", period=period, accept=accept)
     out = list(decode_sirius(passes, first, max_new, lambda l: int(l.argmax()), frozenset({EOS}), stats, cfg))
     return out, stats
-
-
-def truth(n=200, start=5):
-    return {p: 1 + (p * 7) % 17 for p in range(start, start + n)}  # never EOS
 
 
 def test_everything_accepted_commits_period_tokens_per_pass():
@@ -145,7 +99,6 @@ def test_correction_config_rejects(bad):
         CorrectionConfig(**bad)
 
 
-PROMPTS = ["The capital of France", "def add(a, b):", "A quick brown fox", "Count to ten: one two"]
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
@@ -163,7 +116,7 @@ def test_strict_mode_reproduces_dense_greedy_on_tiny_models(family, options, tin
     stream = options.pop("stream", None)
     if stream:  # every layer streams; with "prefixes", two layers keep their selected rows resident
         from ferry.offload.planner import make_plan
-        from test_model import streaming_budget
+        from helpers import streaming_budget
 
         prefix = make_plan(dense.model, dtype_bytes=4, budget_bytes=1 << 40, host_available_bytes=1 << 40,
                            ctx=64, sparsity=0.5).prefix_bytes

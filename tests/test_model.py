@@ -6,40 +6,9 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny_hf_model
+from helpers import load_tiny, prompt_ids
 from ferry.model.forward import decode_one, forward, forward_chunk, prefill
-from ferry.offload.checkpoint import open_checkpoint
-from ferry.offload.loader import load_model
-from ferry.offload.planner import make_plan
-from ferry.offload.cpu_links import InOrderLink
 from ferry.scheduler.decode import DecodeStats, Passes, decode_stepwise
-from ferry.model.kv_cache import KVCache
-from ferry.model.rope import rope_for
-
-
-def streaming_budget(cfg, resident: int, depth: int, ctx: int = 64) -> int:
-    """The device budget that leaves `resident` layers resident plus `depth` streaming slots."""
-    p = make_plan(cfg, dtype_bytes=4, budget_bytes=1 << 40, host_available_bytes=1 << 40, ctx=ctx)
-    fixed = p.kv_cache_bytes + p.workspace_bytes + p.norm_bytes + (p.lm_head_bytes or p.embed_bytes)
-    return fixed + (resident + depth) * p.layer_bytes
-
-
-def load_tiny(folder, capacity: int = 64, budget: int = 1 << 40, depth: int = 2, link=None,
-              pipelined: bool = True, resident: int | None = None):
-    """A tiny checkpoint in fp32 on the CPU; `resident` (or a small budget) makes layers stream."""
-    ckpt = open_checkpoint(folder)
-    cfg = ckpt.config
-    if resident is not None:
-        budget = streaming_budget(cfg, resident, depth, capacity)
-    plan = make_plan(cfg, dtype_bytes=4, budget_bytes=budget, host_available_bytes=1 << 40,
-                     ctx=capacity, prefetch_depth=depth).check()
-    weights, _ = load_model(ckpt, plan, torch.float32, torch.device("cpu"), link or InOrderLink(),
-                            pipelined=pipelined, progress=False)
-    rope = rope_for(cfg, capacity, torch.float32, "cpu")
-    return cfg, weights, rope, KVCache(cfg, capacity, torch.float32, torch.device("cpu"))
-
-
-def prompt_ids(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

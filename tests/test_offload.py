@@ -18,7 +18,7 @@ from ferry.offload.checkpoint import load_hf_config
 from ferry.offload.planner import OffloadConfig, make_plan, parse_size
 from ferry.offload.sources import resolve_config
 from ferry.offload.cpu_links import EmulatedLink, InOrderLink
-from test_model import load_tiny, prompt_ids
+from helpers import load_tiny, prompt_ids
 
 from pathlib import Path
 

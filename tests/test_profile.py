@@ -14,7 +14,7 @@ from ferry.cli import main
 from ferry.offload.executor import PassView
 from ferry.profile import chrome_trace, format_report, predict_run, profile_generation, summarize
 from ferry.profile.profiler import TimedPassView
-from test_model import streaming_budget
+from helpers import streaming_budget
 
 PROMPT = "The capital of France"
 

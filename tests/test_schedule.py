@@ -17,7 +17,7 @@ from ferry.offload.sources import resolve_config
 from ferry.scheduler.correction import CorrectionConfig, decode_sirius
 from ferry.scheduler.decode import DecodeStats
 from ferry.scheduler.schedule import chunk_schedule, spread
-from test_correction import EOS, PROMPTS, MockPasses, truth
+from helpers import EOS, PROMPTS, MockPasses, truth
 
 LLAMA_70B = Path(__file__).parent / "data" / "llama-3.1-70b-config.json"
 GiB = 1 << 30
@@ -148,7 +148,7 @@ def test_executor_trace_matches_the_schedule(case, tiny_model_dir):
     cfg = probe.model
     budget = all_prefix_budget(cfg, 64) if case.startswith("prefixes") else None
     if budget is None:
-        from test_model import streaming_budget
+        from helpers import streaming_budget
 
         budget = streaming_budget(cfg, resident=1, depth=2, ctx=64)
     engine = ferry.load(folder, dtype="fp32", ctx=64, progress=False, sparsity=SPARSITY, gpu_memory=budget,
@@ -264,7 +264,7 @@ def test_pipelined_equals_serial_with_and_without_speculation(family, accept, ti
 
 
 def test_profile_reports_speculative_steps_as_their_own_phase(tiny_model_dir):
-    from ferry.profile.profiler import predict_run, profile_generation, summarize
+    from ferry.profile import predict_run, profile_generation, summarize
 
     folder = tiny_model_dir("llama-tied")
     budget = all_prefix_budget(ferry.load(folder, dtype="fp32", ctx=64, progress=False).model, 64)
