@@ -47,7 +47,7 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    engine = ferry.load(dtype=args.dtype, device="cpu", progress=False)
+    engine = ferry.load(dtype=args.dtype, device="cpu", progress=False, reuse_prefix=False)
     hf = AutoModelForCausalLM.from_pretrained(engine.runtime.folder, dtype=dtype).eval()
 
     ids = torch.tensor([engine.encode(PROMPT)])

@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"predictions: link {gpu.link_gbps:.1f}, memory {gpu.memory_gbps:.0f} GB/s ({gpu.name})")
 
     prompt = " ".join(f"w{7 * n % SHAPES[shape]['vocab_size']:06d}" for n in range(2, 18))  # 16 tokens
-    common = dict(dtype="bf16", device=device, ctx=64, gpu_memory=budget, progress=False,
+    common = dict(dtype="bf16", device=device, ctx=64, gpu_memory=budget, progress=False, reuse_prefix=False,
                   emulate_link_gbps=None if cuda else args.link_gbps, period=args.period)
     rows: dict[str, dict] = {}
 

@@ -96,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
     prompts = [r["prompt"] for r in rows][: args.limit or None]
-    common = dict(dtype="bf16", device="cpu", ctx=512, progress=False)
+    common = dict(dtype="bf16", device="cpu", ctx=512, progress=False, reuse_prefix=False)
     engines = {m: ferry.load(**common, **quant_options(m)) for m in ["none", *[m for m in args.methods if m != "none"]]}
     bf16 = engines["none"]
     reference = [bf16.generate(p, max_new_tokens=args.new_tokens).token_ids for p in prompts]

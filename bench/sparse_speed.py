@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=24)
     args = parser.parse_args()
-    common = dict(device="cpu", ctx=256, progress=False, gpu_memory=args.gpu_memory, emulate_link_gbps=args.link_gbps)
+    common = dict(device="cpu", ctx=256, progress=False, reuse_prefix=False, gpu_memory=args.gpu_memory, emulate_link_gbps=args.link_gbps)
     engines = {
         "dense": ferry.load(**common),
         "sparse": ferry.load(**common, sparsity=args.sparsity, mode="sparse"),

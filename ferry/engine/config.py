@@ -42,6 +42,7 @@ class RuntimeConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     ctx: int | None = None  # KV cache length; None: what each request needs, up to planned_ctx
     progress: bool = True  # progress bars while loading, quantizing, calibrating
+    reuse_prefix: bool = True  # a prompt that begins with the previous sequence prefills only the rest
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -107,6 +108,7 @@ SECTIONS = {"runtime": RuntimeConfig, "offload": OffloadConfig, "quant": QuantCo
 OPTIONS: dict[str, tuple[str, str]] = {
     "model": ("runtime", "model"), "dtype": ("runtime", "dtype"), "device": ("runtime", "device"),
     "ctx": ("runtime", "ctx"), "progress": ("runtime", "progress"),
+    "reuse_prefix": ("runtime", "reuse_prefix"),
     "gpu_memory": ("offload", "gpu_memory"), "host_memory": ("offload", "host_memory"),
     "prefetch_depth": ("offload", "prefetch_depth"), "emulate_link_gbps": ("offload", "emulate_link_gbps"),
     "schedule": ("offload", "schedule"), "resident_sparse": ("offload", "resident_sparse"),

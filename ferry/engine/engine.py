@@ -15,7 +15,7 @@ from typing import Any
 from ferry.engine.config import FerryConfig
 from ferry.engine.generation import Generation, Request, TokenStream, full_logits, generate
 from ferry.engine.runtime import Runtime, build_runtime
-from ferry.engine.text import encode_prompt
+from ferry.engine.text import Prompt, encode_prompt
 from ferry.model.config import ModelConfig
 from ferry.offload.planner import Plan
 
@@ -43,7 +43,7 @@ class Engine:
     def tokenizer(self) -> Any:
         return self.runtime.tokenizer
 
-    def request(self, prompt: str, *, max_new_tokens: int = 256, chat: bool | None = None,
+    def request(self, prompt: Prompt, *, max_new_tokens: int = 256, chat: bool | None = None,
                 ignore_eos: bool = False, **sampling: Any) -> Request:
         """A Request with this engine's sampling defaults, any given option replacing them."""
         unknown = set(sampling) - set(_SAMPLING)
@@ -52,11 +52,14 @@ class Engine:
         given = {k: v for k, v in sampling.items() if v is not None}
         return Request(prompt, max_new_tokens, replace(self.config.sampling, **given), chat, ignore_eos)
 
-    def stream(self, prompt: str, **options: Any) -> TokenStream:
-        """Tokens as they are produced; the finished Generation is on `.result` afterwards."""
+    def stream(self, prompt: Prompt, **options: Any) -> TokenStream:
+        """Tokens as they are produced; the finished Generation is on `.result` afterwards.
+        prompt: a text, or a conversation (a list of {"role", "content"} messages, rendered with
+        the chat template). Closing the stream early (or leaving the loop) ends the generation
+        at that token."""
         return TokenStream(generate(self.runtime, self.request(prompt, **options)))
 
-    def generate(self, prompt: str, **options: Any) -> Generation:
+    def generate(self, prompt: Prompt, **options: Any) -> Generation:
         """Generate to completion; options as for `stream`."""
         stream = self.stream(prompt, **options)
         for _ in stream:
@@ -64,7 +67,11 @@ class Engine:
         assert stream.result is not None
         return stream.result
 
-    def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
+    def reset(self) -> None:
+        """Forget the previous sequence: the next request prefills its whole prompt."""
+        self.runtime.context.forget()
+
+    def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
         """Token ids of a prompt as a generation would see them (chat template when it has one)."""
         return encode_prompt(self.runtime.tokenizer, prompt, chat)
 

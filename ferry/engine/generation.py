@@ -16,7 +16,7 @@ from typing import Generator
 import torch
 
 from ferry.engine.runtime import Runtime, ensure_context
-from ferry.engine.text import Detokenizer, encode_prompt
+from ferry.engine.text import Detokenizer, Prompt, encode_prompt
 from ferry.errors import SettingError
 from ferry.model.forward import forward
 from ferry.model.weights import Kind, ModelWeights
@@ -25,12 +25,12 @@ from ferry.offload.transfer import LinkStats
 from ferry.scheduler.correction import decode_sirius
 from ferry.scheduler.decode import DecodeStats, Passes, decode_stepwise
 from ferry.scheduler.sampling import Sampler, SamplingConfig
-from ferry.sparse.griffin import griffin_order, griffin_scores
+from ferry.sparse.griffin import griffin_order, griffin_sumsq
 
 
 @dataclass(frozen=True)
 class Request:
-    prompt: str
+    prompt: Prompt  # a text, or a conversation: a list of {"role", "content"} messages
     max_new_tokens: int = 256
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     chat: bool | None = None  # wrap in the chat template; None: when the tokenizer has one
@@ -50,6 +50,7 @@ class Token:
 @dataclass(frozen=True)
 class GenerationStats:
     prompt_tokens: int
+    reused_tokens: int  # prompt tokens whose KV entries the previous sequence left (not prefilled)
     new_tokens: int
     prefill_s: float
     decode_s: float
@@ -76,7 +77,7 @@ class GenerationStats:
 
 @dataclass(frozen=True)
 class Generation:
-    prompt: str
+    prompt: Prompt
     text: str
     token_ids: list[int]  # new tokens only, the stop token included when one ended the text
     stats: GenerationStats
@@ -101,6 +102,11 @@ class TokenStream:
         except StopIteration as done:
             self.result = done.value
             raise
+
+    def close(self) -> None:
+        """End the generation now (a client went away): no more steps run, `.result` stays None.
+        The KV cache keeps what was committed, so the next request can still reuse it."""
+        self._tokens.close()
 
 
 Views = tuple[ModelWeights, ModelWeights]  # the weights full passes and sparse steps run on
@@ -127,6 +133,7 @@ def _tokens(rt: Runtime, request: Request, ids: list[int], views: Views | None) 
         first = sampler(prefill(rt, ids, stats, full))
         for token in decode(rt, make_passes(rt, full, sparse, ctx), first, request, sampler, stats):
             new.append(token)
+            ctx.tokens.append(token)  # the sequence the cache holds, for the next request
             yield Token(token, detok.push(token))
     tail = detok.flush()
     if tail:
@@ -136,29 +143,61 @@ def _tokens(rt: Runtime, request: Request, ids: list[int], views: Views | None) 
 
 
 def prefill(rt: Runtime, ids: list[int], stats: DecodeStats, weights: ModelWeights | None = None) -> torch.Tensor:
-    """Full-weight prefill of a prompt; logits [V] for the next token. With Griffin the prompt's
-    activations choose each layer's neurons, which then form a prefix of the layer."""
-    sparse = rt.config.sparse
-    griffin = sparse and rt.config.sparsity.method == "griffin"
-    scores: list[torch.Tensor] = [None] * rt.model.num_layers  # type: ignore[list-item]
+    """Full-weight prefill of a prompt; logits [V] for the next token. Leading tokens the
+    previous sequence left in the cache are not computed again (`reusable`). With Griffin the
+    prompt's activations choose each layer's neurons, which then form a prefix of the layer."""
+    ctx = ensure_context(rt, len(ids), 0)
+    start, griffin = reusable(rt, ids), uses_griffin(rt)
+    sums: list[torch.Tensor] = [None] * rt.model.num_layers  # type: ignore[list-item]
 
     def observe(layer: int, a: torch.Tensor, z: torch.Tensor) -> None:
-        scores[layer] = griffin_scores(z)
+        sums[layer] = griffin_sumsq(z)
 
-    ctx = ensure_context(rt, len(ids), 0)
     t0 = time.perf_counter()
-    rt.executor.expect([Kind.FULL, Kind.SPARSE if sparse else Kind.FULL])  # this pass, then
-    ctx.cache.reset()
-    prompt = torch.tensor(ids, dtype=torch.long, device=rt.device)
-    logits = forward(rt.model, weights or rt.weights, ctx.rope, ctx.cache, prompt, 0,
+    rt.executor.expect([Kind.FULL, Kind.SPARSE if rt.config.sparse else Kind.FULL])  # this pass, then
+    ctx.cache.rollback(start)
+    ctx.tokens = list(ids)
+    prompt = torch.tensor(ids[start:], dtype=torch.long, device=rt.device)
+    logits = forward(rt.model, weights or rt.weights, ctx.rope, ctx.cache, prompt, start,
                      all_logits=False, observe_mlp=observe if griffin else None)[-1]
-    stats.prefill_s = time.perf_counter() - t0
+    ctx.cache.wrote(start, len(ids) - start, full=True)
+    stats.prefill_s, stats.reused_tokens = time.perf_counter() - t0, start
     if griffin:
         t0 = time.perf_counter()
-        kept = kept_neurons(rt.model.intermediate_size, rt.config.sparsity.sparsity)
-        rt.executor.reorder_neurons([griffin_order(s, kept).cpu() for s in scores], kept)
+        select_neurons(rt, sums if not start else [s + old for s, old in zip(sums, ctx.scores)], len(ids))
         stats.select_s = time.perf_counter() - t0
     return logits
+
+
+def uses_griffin(rt: Runtime) -> bool:
+    return rt.config.sparse and rt.config.sparsity.method == "griffin"
+
+
+def reusable(rt: Runtime, ids: list[int]) -> int:
+    """How many leading prompt tokens keep the KV entries the previous sequence left: its common
+    prefix with the prompt, over full-weight entries only, leaving at least one token to prefill.
+    With Griffin, all of the last prompt's scored tokens or none: their activation scores are
+    kept as one sum, which cannot be taken apart."""
+    ctx = rt.context
+    if not rt.config.runtime.reuse_prefix or ctx.cache is None:
+        return 0
+    held = ctx.tokens[:ctx.cache.full_length]
+    limit, n = min(len(held), len(ids) - 1), 0
+    while n < limit and held[n] == ids[n]:
+        n += 1
+    if uses_griffin(rt):
+        return ctx.scored if ctx.scores is not None and 0 < ctx.scored <= n else 0
+    return n
+
+
+def select_neurons(rt: Runtime, sums: list[torch.Tensor], scored: int) -> None:
+    """Griffin: keep each layer's top neurons by the prompt's scores and move them to the front
+    of the layer; the scores follow the neurons, for the next prompt to extend."""
+    kept = kept_neurons(rt.model.intermediate_size, rt.config.sparsity.sparsity)
+    orders = [griffin_order(s, kept) for s in sums]
+    rt.executor.reorder_neurons([order.cpu() for order in orders], kept)
+    rt.context.scores = [s[order] for s, order in zip(sums, orders)]
+    rt.context.scored = scored
 
 
 def make_passes(rt: Runtime, full: ModelWeights, sparse: ModelWeights, ctx=None) -> Passes:
@@ -189,7 +228,7 @@ def full_logits(rt: Runtime, ids: list[int]) -> torch.Tensor:
     """The full model's logits [S, V] (fp32) at every position of a token sequence, from an empty
     cache (quality benchmarks score text with it)."""
     ctx = ensure_context(rt, len(ids), 0)
-    ctx.cache.reset()
+    ctx.forget()
     seq = torch.tensor(ids, dtype=torch.long, device=rt.device)
     with torch.no_grad():
         return forward(rt.model, rt.weights, ctx.rope, ctx.cache, seq, 0, all_logits=True)
@@ -204,7 +243,7 @@ def generation_stats(rt: Runtime, prompt_len: int, new: list[int], s: DecodeStat
     after_first = max(0, len(new) - 1)
     sirius = mode == "sirius"
     return GenerationStats(
-        prompt_tokens=prompt_len, new_tokens=len(new), prefill_s=s.prefill_s, decode_s=s.decode_s,
+        prompt_tokens=prompt_len, reused_tokens=s.reused_tokens, new_tokens=len(new), prefill_s=s.prefill_s, decode_s=s.decode_s,
         tokens_per_s=after_first / s.decode_s if s.decode_s > 0 else 0.0,
         finish_reason=s.finish_reason, h2d_bytes=link.bytes,
         h2d_bytes_per_token=link.bytes / max(1, len(new)), h2d_gbps=link.gbps, overlap=link.overlap,

@@ -7,12 +7,14 @@ CATS thresholds are calibrated when asked, and the adaptive period's tuner is ma
 one small function below; `Runtime` holds the results.
 
 The KV cache and rope tables (`Runtime.context`) are sized per request and reused: they grow
-only when a request needs more context than any before it, up to what the plan reserved.
+only when a request needs more context than any before it, up to what the plan reserved, and
+keep what they hold when they grow. The context also remembers the sequence its cache holds, so
+a request that begins with it prefills only what is new (a chat's next turn).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +40,22 @@ from ferry.sparse.calibrate import load_or_calibrate, thresholds_for
 
 @dataclass
 class Context:
-    """The KV cache and rope tables of the current request size (None before the first)."""
+    """The KV cache and rope tables of the current request size (None before the first), and
+    the sequence the cache holds: `tokens[:cache.full_length]` have full-weight KV entries.
+    With Griffin, `scores[layer]` [I] sums the squared unit activations of the last prompt's
+    `scored` tokens (neurons in the layer buffer's current order), so a prompt extending it
+    chooses the neurons a cold prefill would."""
 
     cache: KVCache | None = None
     rope: Rope | None = None
+    tokens: list[int] = field(default_factory=list)
+    scores: list[torch.Tensor] | None = None
+    scored: int = 0
+
+    def forget(self) -> None:
+        self.tokens, self.scores, self.scored = [], None, 0
+        if self.cache is not None:
+            self.cache.reset()
 
 
 @dataclass
@@ -125,8 +139,10 @@ def ensure_context(rt: Runtime, prompt_len: int, max_new_tokens: int) -> Context
     need = fixed or min(limit, prompt_len + max(max_new_tokens, 1))
     ctx = rt.context
     if ctx.cache is None or ctx.cache.capacity < need:
-        ctx.cache = KVCache(rt.model, need, rt.dtype, rt.device)
-        ctx.rope = rope_for(rt.model, need, rt.dtype, rt.device)
+        cache = KVCache(rt.model, need, rt.dtype, rt.device)
+        if ctx.cache is not None:  # keep the previous sequence for the next request to reuse
+            cache.copy_prefix(ctx.cache, ctx.cache.full_length)
+        ctx.cache, ctx.rope = cache, rope_for(rt.model, need, rt.dtype, rt.device)
     return ctx
 
 

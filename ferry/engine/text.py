@@ -2,31 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Union
 
 from ferry.errors import FerryError, SettingError
 
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+Prompt = Union[str, list[Message]]  # a text, or a conversation (always through the chat template)
+ROLES = ("system", "user", "assistant", "tool")
 
-def encode_prompt(tokenizer: Any, prompt: str, chat: bool | None) -> list[int]:
+
+def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool | None) -> list[int]:
     """Token ids for a prompt; chat=None uses the chat template when the tokenizer has one.
 
-    Raw prompts get exactly the special tokens `tokenizer(prompt)` adds; templated ones get only
-    what the template writes.
+    A text is one user message when templated; a list of messages is a conversation and needs
+    the template. Raw prompts get exactly the special tokens `tokenizer(prompt)` adds; templated
+    ones get only what the template writes.
     """
+    conversation = not isinstance(prompt, str)
+    if conversation:
+        check_messages(prompt)
     if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
-    if chat:
+        chat = conversation or bool(getattr(tokenizer, "chat_template", None))
+    if chat or conversation:
         if not getattr(tokenizer, "chat_template", None):
             raise SettingError("chat", "is on, but this model's tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        messages = prompt if conversation else [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(prompt)["input_ids"]
     if not ids:
         raise FerryError("the prompt is empty")
     return list(ids)
+
+
+def check_messages(messages: Any) -> None:
+    """A conversation: a non-empty list of {"role", "content"} with known roles and text content."""
+    if not isinstance(messages, list) or not messages:
+        raise FerryError("a conversation needs at least one message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise FerryError(f"message {i} needs a role ({', '.join(ROLES)}) and a text content")
 
 
 class Detokenizer:

@@ -13,6 +13,10 @@ class KVCache:
 
     Allocated once so the decode loop never allocates; a rejected draft is undone by `rollback`,
     which only moves `length` (stale entries are overwritten by the next write).
+
+    `full_length`: the leading positions whose entries the full weights wrote (a prefill, dense
+    steps, verified chunks). Only those may be reused by a later request: a sparse step's
+    entries differ from what a cold prefill would write.
     """
 
     def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device):
@@ -22,15 +26,31 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+        self.full_length = 0
 
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
 
     def reset(self) -> None:
-        self.length = 0
+        self.length = self.full_length = 0
 
     def rollback(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot roll back to {length}: cache holds {self.length} positions")
         self.length = length
+        self.full_length = min(self.full_length, length)
+
+    def wrote(self, start: int, count: int, full: bool) -> None:
+        """Positions start..start+count-1 were written, by the full weights or not."""
+        if full and start <= self.full_length:
+            self.full_length = start + count
+        else:
+            self.full_length = min(self.full_length, start)
+
+    def copy_prefix(self, other: "KVCache", length: int) -> None:
+        """Take the first `length` positions of another cache (growing without losing them)."""
+        self.k[:, :, :length] = other.k[:, :, :length]
+        self.v[:, :, :length] = other.v[:, :, :length]
+        self.length = length
+        self.full_length = min(other.full_length, length)

@@ -115,9 +115,11 @@ class Run:
 
 
 def profile_generation(engine: Engine, prompt: str, **options) -> Run:
-    """Generate once on timed views; options as for `Engine.stream`."""
+    """Generate once on timed views, from a cold prefill (warm-up runs of the same prompt leave
+    nothing to reuse); options as for `Engine.stream`."""
     rt = engine.runtime
     request = engine.request(prompt, **options)
+    engine.reset()
     rt.executor.drain()  # no copy of an earlier generation is still in flight
     cuda = rt.device.type == "cuda"
     if cuda:

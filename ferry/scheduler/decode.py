@@ -26,6 +26,7 @@ class DecodeStats:
     """Counters of one generation. Model time excludes time the consumer holds the generator."""
 
     prefill_s: float = 0.0
+    reused_tokens: int = 0  # prompt tokens whose KV entries a previous sequence left (not prefilled)
     select_s: float = 0.0  # choosing and arranging the sparse set after the prefill
     decode_s: float = 0.0
     finish_reason: str = ""  # "stop", "length" or "context"
@@ -64,7 +65,9 @@ class Passes:
         """Full weights over tokens at start..; logits for every position [S, V].
         between(layer), if given, runs after each layer (it may run resident sparse steps)."""
         steps = forward_layers(self.cfg, self.full_weights, self.rope, self.cache, tokens, start, all_logits=True)
-        return run_layers(steps, between)
+        logits = run_layers(steps, between)
+        self.cache.wrote(start, tokens.shape[0], full=True)
+        return logits
 
     def full_step(self, token: int) -> torch.Tensor:
         self.step_input.fill_(token)
@@ -73,8 +76,11 @@ class Passes:
     def sparse_step(self, token: int) -> torch.Tensor:
         """One token appended at the end of the cache through the sparse weights; logits [V]."""
         self.step_input.fill_(token)
-        return forward(self.cfg, self.sparse_weights, self.rope, self.cache, self.step_input,
-                       self.cache.length, all_logits=False)[-1]
+        start = self.cache.length
+        logits = forward(self.cfg, self.sparse_weights, self.rope, self.cache, self.step_input,
+                         start, all_logits=False)[-1]
+        self.cache.wrote(start, 1, full=False)
+        return logits
 
 
 def finished(stats: DecodeStats, token: int, produced: int, max_new: int, cache: KVCache,

@@ -14,9 +14,15 @@ import torch
 
 def griffin_scores(z: torch.Tensor) -> torch.Tensor:
     """z [T, I] -> neuron scores [I] (fp32)."""
+    return griffin_sumsq(z).sqrt()
+
+
+def griffin_sumsq(z: torch.Tensor) -> torch.Tensor:
+    """z [T, I] -> the squared scores [I]: sums over tokens, so a prompt's can be added to those
+    of the prefix before it (same order of neurons, same top k as `griffin_scores`)."""
     z = z.float()
     unit = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return unit.norm(dim=0)
+    return unit.pow(2).sum(dim=0)
 
 
 def griffin_order(scores: torch.Tensor, k: int) -> torch.Tensor:

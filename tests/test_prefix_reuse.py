@@ -1,0 +1,100 @@
+"""Prefix reuse: a prompt that begins with the previous sequence prefills only what is new, and
+its output equals a cold run's (fp32 tiny models: dense greedy, strict Sirius with Griffin)."""
+
+from __future__ import annotations
+
+import pytest
+
+import ferry
+from ferry.offload.planner import make_plan
+from helpers import streaming_budget
+
+FIRST = "The capital of France is Paris. Count to ten: one two"
+N = 12
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def two_turns(engine, cold, second_words: str = " three four five"):
+    """Turn one, then a prompt that begins with turn one's text and answer; the same second
+    prompt on a cold engine. Returns (turn one, turn two, cold turn two, second prompt)."""
+    one = engine.generate(FIRST, max_new_tokens=N, chat=False, ignore_eos=True)
+    second = FIRST + one.text + second_words
+    two = engine.generate(second, max_new_tokens=N, chat=False, ignore_eos=True)
+    cold.reset()
+    return one, two, cold.generate(second, max_new_tokens=N, chat=False, ignore_eos=True), second
+
+
+@pytest.mark.parametrize("ctx", [64, None])  # None: the cache grows between turns, keeping its prefix
+def test_dense_second_turn_prefills_only_new_tokens(ctx, tiny_model_dir):
+    folder = tiny_model_dir("llama3")
+    engine = ferry.load(folder, dtype="fp32", ctx=ctx, progress=False)
+    cold = ferry.load(folder, dtype="fp32", ctx=ctx, progress=False, reuse_prefix=False)
+    one, two, want, second = two_turns(engine, cold)
+    ids = engine.encode(second, chat=False)
+    held = engine.encode(FIRST, chat=False) + one.token_ids[:-1]  # the last answer token has no KV yet
+    expected = min(common_prefix(ids, held), len(ids) - 1)
+    assert one.stats.reused_tokens == 0
+    assert expected > one.stats.prompt_tokens  # the answer's tokens are reused too
+    assert two.stats.reused_tokens == expected
+    assert want.stats.reused_tokens == 0
+    assert two.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("stream", ["resident", "prefixes"])
+def test_strict_griffin_second_turn_equals_cold_and_dense(stream, tiny_model_dir):
+    folder = tiny_model_dir("qwen2")
+    options = dict(dtype="fp32", ctx=96, progress=False, sparsity=0.5, accept="strict", period=4)
+    if stream == "prefixes":  # every layer streams; two keep their selected rows resident
+        model = ferry.load(folder, dtype="fp32", ctx=96, progress=False).model
+        prefix = make_plan(model, dtype_bytes=4, budget_bytes=1 << 40, host_available_bytes=1 << 40,
+                           ctx=96, sparsity=0.5).prefix_bytes
+        options["gpu_memory"] = streaming_budget(model, resident=0, depth=2, ctx=96) + 2 * prefix
+    engine = ferry.load(folder, **options)
+    assert len(engine.plan.prefix_layers) == (2 if stream == "prefixes" else 0)
+    cold = ferry.load(folder, **options, reuse_prefix=False)
+    one, two, want, second = two_turns(engine, cold)
+    # Griffin's scores cover the last prompt: exactly its tokens are reused, the answer is prefilled.
+    assert two.stats.reused_tokens == one.stats.prompt_tokens
+    assert two.token_ids == want.token_ids
+    dense = ferry.load(folder, dtype="fp32", ctx=96, progress=False, reuse_prefix=False)
+    assert two.token_ids == dense.generate(second, max_new_tokens=N, chat=False, ignore_eos=True).token_ids
+
+
+def test_cancelled_stream_leaves_a_reusable_prefix(tiny_model_dir):
+    folder = tiny_model_dir("llama3")
+    engine = ferry.load(folder, dtype="fp32", ctx=64, progress=False)
+    cold = ferry.load(folder, dtype="fp32", ctx=64, progress=False, reuse_prefix=False)
+    stream = engine.stream(FIRST, max_new_tokens=N, chat=False, ignore_eos=True)
+    got = [next(stream).id for _ in range(4)]
+    stream.close()
+    assert stream.result is None and len(got) == 4
+    second = FIRST + " one two three"
+    two = engine.generate(second, max_new_tokens=N, chat=False, ignore_eos=True)
+    assert two.stats.reused_tokens > 0
+    assert two.token_ids == cold.generate(second, max_new_tokens=N, chat=False, ignore_eos=True).token_ids
+
+
+def test_reset_and_unrelated_prompts_prefill_everything(tiny_model_dir):
+    engine = ferry.load(tiny_model_dir("llama3"), dtype="fp32", ctx=64, progress=False)
+    engine.generate(FIRST, max_new_tokens=4, chat=False)
+    same = engine.generate(FIRST, max_new_tokens=4, chat=False)
+    assert same.stats.reused_tokens == same.stats.prompt_tokens - 1  # one token left to compute logits
+    engine.reset()
+    assert engine.generate(FIRST, max_new_tokens=4, chat=False).stats.reused_tokens == 0
+    other = engine.generate("def add(a, b): return a + b", max_new_tokens=4, chat=False)
+    assert other.stats.reused_tokens < 2
+
+
+@pytest.mark.slow
+def test_conversation_on_the_default_model_reuses_the_previous_turn():
+    engine = ferry.load(progress=False)
+    messages = [{"role": "user", "content": "Name a color."}]
+    one = engine.generate(messages, max_new_tokens=8)
+    messages += [{"role": "assistant", "content": one.text}, {"role": "user", "content": "And another?"}]
+    two = engine.generate(messages, max_new_tokens=8)
+    # The template's system prompt and the first turn are not computed again.
+    assert two.stats.reused_tokens >= one.stats.prompt_tokens
+    assert two.stats.prompt_tokens - two.stats.reused_tokens < 24
