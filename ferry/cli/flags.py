@@ -69,6 +69,13 @@ def period(text: str) -> int | str:
     return "auto" if text == "auto" else int_at_least(1)(text)
 
 
+def port(text: str) -> int:
+    value = int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 0 to 65535, got {value}")
+    return value
+
+
 def gpu_name(text: str) -> str:
     from ferry.offload.costmodel import GPUS
 
@@ -111,7 +118,8 @@ FLAGS: dict[str, Flag] = {
                   "precision on GPU)", choices=("auto", *DTYPES)),
     "device": Flag(("--device",), "where the model runs (default {default})", choices=("auto", "cpu", "cuda")),
     "ctx": Flag(("--ctx",), "KV cache length in tokens (default: generate and profile reserve what their "
-                "prompts need, plan reserves min(4096, the model's maximum))", type=int_at_least(1), metavar="N"),
+                "prompts need, plan, chat and serve reserve min(4096, the model's maximum))", type=int_at_least(1),
+                metavar="N"),
     "gpu_memory": Flag(("--gpu-memory",), "device budget, e.g. 20GiB; layers beyond it stream from host "
                        "memory (default: free device memory minus 1 GiB; on a CPU-only machine, the CPU "
                        "tier's budget; plan --gpu NAME: that card's memory minus 1 GiB)", type=size, metavar="SIZE"),
@@ -123,6 +131,9 @@ FLAGS: dict[str, Flag] = {
                   "(quantized once at load, cached on disk; default {default})", choices=("none", "int8", "int4")),
     "quant_group": Flag(("--quant-group",), "largest group of values sharing one scale, a multiple of 8 "
                         ">= 32 (default {default}; needs --quant)", type=int, metavar="G"),
+    "reuse_prefix": Flag(("--reuse-prefix",), "a prompt that begins with the previous sequence (a chat's "
+                         "next turn, a prompt file's shared preamble) prefills only the rest (default {default})",
+                         action=ON_OFF),
     # streaming
     "emulate_link_gbps": Flag(("--emulate-link",), "CPU device only: emulate a host-to-device link of "
                               "GBPS GB/s (tests, benchmarks; default: plain in-order copies)",
@@ -169,6 +180,7 @@ FLAGS: dict[str, Flag] = {
     "prompt": Flag(("-p", "--prompt"), "the prompt (default: read from stdin)", metavar="TEXT"),
     "prompt_file": Flag(("--prompt-file",), "one prompt a line, or JSON lines with a \"prompt\" field",
                         metavar="FILE"),
+    "system": Flag(("--system",), "chat: a system message that begins the conversation", metavar="TEXT"),
     "json": Flag(("--json",), "print one JSON object (generate: one per prompt)", action="store_true",
                  default=False),
     # profile
@@ -188,6 +200,17 @@ FLAGS: dict[str, Flag] = {
     "show_schedule": Flag(("--show-schedule",), "also print one correction chunk's steps: every fetch and "
                           "compute in order (--period sets the chunk, --speculate/--no-speculate)",
                           action="store_true", default=False),
+    # serve
+    "host": Flag(("--host",), "address to listen on (default {default}; a non-loopback address without "
+                 "an API key prints a warning)", metavar="ADDR", default="127.0.0.1"),
+    "port": Flag(("--port",), "TCP port (default {default}; 0 picks a free one)", type=port, metavar="N",
+                 default=8000),
+    "max_queue": Flag(("--max-queue",), "requests waiting for the engine at most; more are answered 503 "
+                      "(default {default})", type=int_at_least(1), metavar="N", default=64),
+    "api_key": Flag(("--api-key",), "require the header 'Authorization: Bearer KEY' on /v1 routes "
+                    "(default: $FERRY_API_KEY, else no key)", metavar="KEY"),
+    "model_name": Flag(("--model-name",), "the model id that /v1/models reports and replies carry "
+                       "(default: the model folder's or file's name)", metavar="NAME"),
 }
 CONFIG_OPTIONS = frozenset(option_names())
 

@@ -18,7 +18,7 @@ from ferry.errors import FerryError
 ENGINE_FLAGS = ("model", "dtype", "device", "ctx", "gpu_memory", "prefetch_depth", "quant", "quant_group",
                 "emulate_link_gbps", "schedule", "resident_sparse", "link_gbps",
                 "sparsity", "sparse_method", "mode", "period", "max_period", "draft_confidence", "threshold",
-                "accept", "speculate")
+                "accept", "speculate", "reuse_prefix")
 REQUEST_FLAGS = ("max_new_tokens", "chat", "temperature", "top_p", "seed", "ignore_eos")
 
 

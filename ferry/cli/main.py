@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ferry.cli import generate, plan, profile
+from ferry.cli import chat, generate, plan, profile, serve
 from ferry.cli.flags import setting_message
 from ferry.errors import FerryError, SettingError
 
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     profile.add_parser(sub)
     plan.add_parser(sub)
+    serve.add_parser(sub)
+    chat.add_parser(sub)
     return parser
 
 

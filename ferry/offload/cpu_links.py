@@ -72,7 +72,7 @@ class EmulatedLink(Traced):
         if not gbps > 0:
             raise ValueError(f"link bandwidth must be > 0 GB/s, got {gbps}")
         self.rate = gbps * 1e9
-        self._stats = LinkStats()
+        self._stats = LinkStats(done_bytes=0)
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="ferry-emulated-link", daemon=True)
@@ -80,6 +80,9 @@ class EmulatedLink(Traced):
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None, tag=None) -> threading.Event:
         done = threading.Event()
+        with self._lock:  # counted when issued, as the other links do: a generation's bytes are
+            self._stats.bytes += src.numel() * src.element_size()  # the copies it asked for
+            self._stats.copies += 1
         # The worker copies raw bytes with numpy: a torch op from a second thread would start a
         # second OpenMP team whose spinning threads slow the compute thread down for good.
         self._jobs.put((_bytes_of(dst), _bytes_of(src), done, tag))
@@ -124,9 +127,8 @@ class EmulatedLink(Traced):
                     time.sleep(delay)
             t1 = time.perf_counter()
             with self._lock:
-                self._stats.bytes += src.size
-                self._stats.copies += 1
                 self._stats.busy_s += t1 - t0
+                self._stats.done_bytes += src.size
                 if self._spans is not None:
                     self._spans.append((tag, src.size, t0, t1))
             done.set()

@@ -45,14 +45,16 @@ def host_empty(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
 
 @dataclass
 class LinkStats:
-    bytes: int = 0
+    bytes: int = 0  # of the copies issued (a generation's bytes are the copies it asked for)
     copies: int = 0
     busy_s: float = 0.0  # time the link spent copying
     stall_s: float = 0.0  # time compute waited for copies
+    done_bytes: int | None = None  # of the copies finished, when some may still be in flight
 
     @property
     def gbps(self) -> float:
-        return self.bytes / self.busy_s / 1e9 if self.busy_s > 0 else 0.0
+        done = self.bytes if self.done_bytes is None else self.done_bytes
+        return done / self.busy_s / 1e9 if self.busy_s > 0 else 0.0
 
     @property
     def overlap(self) -> float:
@@ -62,8 +64,9 @@ class LinkStats:
         return min(1.0, max(0.0, 1.0 - self.stall_s / self.busy_s))
 
     def minus(self, earlier: "LinkStats") -> "LinkStats":
+        done = None if self.done_bytes is None else self.done_bytes - (earlier.done_bytes or 0)
         return LinkStats(self.bytes - earlier.bytes, self.copies - earlier.copies,
-                         self.busy_s - earlier.busy_s, self.stall_s - earlier.stall_s)
+                         self.busy_s - earlier.busy_s, self.stall_s - earlier.stall_s, done)
 
 
 Ticket = Any  # what `copy` returns and `wait` takes: None, a threading.Event or a CUDA event
