@@ -115,6 +115,7 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(chat_model, tmp_path):
 def test_ctrl_c_at_the_prompt_clears_the_line_and_twice_leaves(chat_model, tmp_path):
     child = spawn(chat_model, tmp_path)
     child.send("half a line")
+    child.expect_exact("half a line")  # echoed: readline has the line, so Ctrl-C reaches input()
     child.sendintr()
     child.expect_exact("[Ctrl-C again or Ctrl-D leaves]")
     child.expect_exact("> ")
