@@ -12,7 +12,8 @@ from typing import Any, Iterable, Iterator
 
 from ferry.cli.flags import add_flags, config_options
 from ferry.engine import Engine, FerryConfig
-from ferry.errors import FerryError
+from ferry.engine.text import check_text
+from ferry.errors import FerryError, SettingError
 
 # The flags that describe the loaded engine (generate and profile).
 ENGINE_FLAGS = ("model", "dtype", "device", "ctx", "gpu_memory", "prefetch_depth", "quant", "quant_group",
@@ -35,19 +36,47 @@ def run(args: argparse.Namespace) -> None:
     config = FerryConfig.from_options(**config_options(args))
     prompts = read_prompts(args)
     engine = make_engine(config, prompts, args)
+    batch = getattr(args, "prompt_file", None) is not None
+    failed = 0
     try:
-        for prompt in prompts:
-            if args.json:
-                result = engine.generate(prompt, **request_options(args)).to_dict()
-                print(json.dumps(result, ensure_ascii=False), flush=True)
-                continue
-            for token in engine.stream(prompt, **request_options(args)):
-                sys.stdout.write(token.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+        for number, prompt in enumerate(prompts, 1):
+            failed += not answer(engine, prompt, args, f"prompt {number}: " if batch else None)
     finally:
         engine.close()
+    if failed:
+        raise FerryError(f"{failed} of {len(prompts)} prompts failed")
+
+
+def answer(engine: Engine, prompt: str, args: argparse.Namespace, label: str | None) -> bool:
+    """Answer one prompt on stdout. label (a batch): a prompt that fails (longer than --ctx, say)
+    gets its own error line on stderr, and with --json an error object in its place, so the
+    prompts after it still run; False tells the caller. A setting error concerns every prompt and
+    a single prompt has nothing to continue to: both end the run as before."""
+    wrote = False
+    try:
+        if args.json:
+            result = engine.generate(prompt, **request_options(args)).to_dict()
+            print(json.dumps(result, ensure_ascii=False), flush=True)
+            return True
+        for token in engine.stream(prompt, **request_options(args)):
+            sys.stdout.write(token.text)
+            sys.stdout.flush()
+            wrote = True
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return True
+    except SettingError:
+        raise
+    except FerryError as err:
+        if label is None:
+            raise
+        if wrote:
+            sys.stdout.write("\n")
+        if args.json:
+            print(json.dumps({"prompt": prompt, "error": str(err)}, ensure_ascii=False), flush=True)
+        sys.stdout.flush()
+        print(f"ferry: error: {label}{err}", file=sys.stderr, flush=True)
+        return False
 
 
 def request_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -56,17 +85,35 @@ def request_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts, as text that is valid UTF-8: a bad byte is named by where it came from (the
+    flag, the file and line, stdin's line) instead of failing later in the tokenizer."""
     if args.prompt is not None:
+        check_text(args.prompt, "-p/--prompt")  # argv bytes Python could not decode are surrogates
         return [args.prompt]
     if getattr(args, "prompt_file", None) is not None:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                return list(parse_prompt_lines(f, args.prompt_file))
+            with open(args.prompt_file, "rb") as f:
+                data = f.read()
         except OSError as err:
             raise FerryError(f"cannot read --prompt-file: {err}") from None
+        return list(parse_prompt_lines(decode_lines(data, args.prompt_file), args.prompt_file))
     if sys.stdin.isatty():
         raise FerryError("no prompt: pass -p TEXT, --prompt-file FILE, or pipe the prompt to stdin")
-    return [sys.stdin.read().rstrip("\n")]
+    stdin = getattr(sys.stdin, "buffer", None)
+    if stdin is None:  # replaced by a text stream (tests, embedding)
+        text = sys.stdin.read()
+        check_text(text, "stdin")
+        return [text.rstrip("\n")]
+    return ["\n".join(decode_lines(stdin.read(), "stdin")).rstrip("\n")]
+
+
+def decode_lines(data: bytes, name: str) -> Iterator[str]:
+    """UTF-8 lines (without their endings; \\n, \\r\\n and \\r end a line, as text mode reads them)."""
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise FerryError(f"{name}:{number}: not valid UTF-8 (byte {err.start + 1} of the line)") from None
 
 
 def parse_prompt_lines(lines: Iterable[str], name: str) -> Iterator[str]:
@@ -84,6 +131,7 @@ def parse_prompt_lines(lines: Iterable[str], name: str) -> Iterator[str]:
             prompt = None
         if not isinstance(prompt, str):
             raise FerryError(f"{name}:{number}: a JSON line needs a string \"prompt\" field")
+        check_text(prompt, f"{name}:{number}: the prompt")  # a "\\ud800" escape decodes to a lone surrogate
         yield prompt
 
 
@@ -109,14 +157,22 @@ def make_engine(config: FerryConfig, prompts: list[str], args: argparse.Namespac
 
 
 def _max_positions(folder: Path) -> int:
-    from ferry.model.config import ModelConfig
-    from ferry.offload.checkpoint import load_hf_config
+    from ferry.offload.checkpoint import read_config
 
-    return ModelConfig.from_hf(load_hf_config(folder)).max_position_embeddings
+    return read_config(folder)[1].max_position_embeddings
 
 
 def prompts_ctx(tokenizer: Any, prompts: list[str], args: argparse.Namespace, max_positions: int) -> int:
     from ferry.engine.text import encode_prompt
 
-    longest = max(len(encode_prompt(tokenizer, p, args.chat)) for p in prompts)
-    return min(longest + max(1, args.max_new_tokens), max_positions)
+    lengths = []
+    for prompt in prompts:
+        try:
+            lengths.append(len(encode_prompt(tokenizer, prompt, args.chat)))
+        except SettingError:
+            raise
+        except FerryError:
+            if len(prompts) == 1:
+                raise
+            # this prompt fails again, on its own error line, when its turn comes
+    return min(max(lengths, default=1) + max(1, args.max_new_tokens), max_positions)

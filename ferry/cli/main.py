@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ferry.cli import chat, generate, plan, profile, serve
-from ferry.cli.flags import setting_message
 from ferry.errors import FerryError, SettingError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: the subcommands import torch, which takes seconds, and a
+    # Ctrl-C during that import must land inside main's handler (exit 130, no traceback).
+    from ferry.cli import chat, generate, plan, profile, serve
+
     parser = argparse.ArgumentParser(prog="ferry", description="Run large language models on one GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_parser(sub)
@@ -27,13 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    """Run a command; the exit code: 0, 2 for a user's mistake (one line on stderr), 130 for
+    Ctrl-C wherever it lands (loading, generating), without a traceback."""
     try:
+        args = build_parser().parse_args(argv)
+        _replace_unencodable_output()
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
         args.run(args)
     except SettingError as err:
+        from ferry.cli.flags import setting_message
+
         print(f"ferry: error: {setting_message(err)}", file=sys.stderr)
         return 2
     except FerryError as err:
@@ -45,6 +52,17 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()  # the reader went away (ferry ... | head); nothing left to say
         return 0
     return 0
+
+
+def _replace_unencodable_output() -> None:
+    """A model's text may hold characters stdout's encoding lacks (LANG=C, a Windows console):
+    print a replacement character rather than die with UnicodeEncodeError mid-answer."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="replace")
+        except (ValueError, OSError):  # a closed or unusual stream: leave it as it is
+            pass
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> None:
         report = summarize(engine, measured, predict_run(engine, measured, args.gpu))
     finally:
         engine.close()
+    # The report first: a trace that cannot be written (the folder went away, no space) is one
+    # error line after it, not the loss of the finished measurement.
+    print(json.dumps(report) if args.json else format_report(report), flush=True)
     if args.trace:
         write_trace(args.trace, measured)
-    print(json.dumps(report) if args.json else format_report(report), flush=True)

@@ -101,7 +101,7 @@ def build_runtime(config: FerryConfig, tokenizer: Any = None) -> Runtime:
     executor = weights.layers.executor
     if config.sparse and config.sparsity.method == "cats":
         table = load_or_calibrate(folder, checkpoint.config, weights, tokenizer, dtype, device,
-                                  config.runtime.progress, variant=config.quant.method)
+                                  config.runtime.progress, variant=weight_variant(config, plan))
         executor.set_thresholds(thresholds_for(table, config.sparsity.sparsity))
     return Runtime(
         config=config, folder=folder, checkpoint=checkpoint, model=checkpoint.config, device=device,
@@ -119,6 +119,12 @@ def plan_for(config: FerryConfig, model: ModelConfig, device: str, dtype_bytes: 
         prefetch_depth=config.offload.prefetch_depth, device=device, sparsity=config.plan_sparsity,
         sparse_method=config.sparsity.method, prefix_resident=config.offload.resident_sparse,
         quant=config.quant)
+
+
+def weight_variant(config: FerryConfig, plan: Plan) -> str:
+    """What, beyond the checkpoint and dtype, makes these weights these: the quantization and the
+    group size in use (CATS thresholds are calibrated on them)."""
+    return "none" if not config.quant.enabled else f"{config.quant.method}-g{plan.quant_group}"
 
 
 def make_tuner(config: FerryConfig, plan: Plan, model: ModelConfig) -> ConfidenceTuner | None:
@@ -170,25 +176,46 @@ def pick_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(folder: Path):
+    """The checkpoint's tokenizer. Its files are as untrusted as the weights, and the tokenizers
+    library raises a bare Exception for a malformed tokenizer.json, hence the broad catch."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise FerryError(f"could not load the tokenizer from {folder}: {err}") from None
+    except Exception as err:  # noqa: BLE001 (see the docstring); KeyboardInterrupt still passes
+        raise FerryError(f"could not load the tokenizer from {folder} (malformed tokenizer files?): "
+                         f"{_first_line(err)}") from None
 
 
 def stop_ids(hf_config, tokenizer, folder: Path) -> frozenset[int]:
     """Every id the checkpoint calls end-of-sequence (Llama 3 has several)."""
+    sources = [("config.json", getattr(hf_config, "eos_token_id", None)),
+               ("the tokenizer", tokenizer.eos_token_id)]
+    path = folder / "generation_config.json"
+    if path.is_file():
+        sources.append((str(path), _generation_eos(path)))
     ids: set[int] = set()
-    sources = [getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id]
-    if (folder / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        sources.append(GenerationConfig.from_pretrained(folder).eos_token_id)
-    for src in sources:
-        if isinstance(src, int):
-            ids.add(src)
-        elif src:
-            ids.update(int(i) for i in src)
+    for where, src in sources:
+        if src is None:
+            continue
+        for i in (src if isinstance(src, (list, tuple)) else [src]):
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise FerryError(f"{where}: eos_token_id must be a token id or a list of them, got {src!r}")
+            ids.add(i)
     return frozenset(ids)
+
+
+def _generation_eos(path: Path) -> Any:
+    """eos_token_id of generation_config.json; a malformed file is named, not a traceback."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path.parent).eos_token_id
+    except Exception as err:  # noqa: BLE001 (transformers raises OSError, ValueError, TypeError...)
+        raise FerryError(f"could not read {path}: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    """An exception as one line with its type: a bare KeyError reads 'added_tokens' otherwise."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")

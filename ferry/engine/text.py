@@ -21,6 +21,10 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool | None) -> list[int
     conversation = not isinstance(prompt, str)
     if conversation:
         check_messages(prompt)
+        for i, m in enumerate(prompt):
+            check_text(m["content"], f"message {i}")
+    else:
+        check_text(prompt, "the prompt")
     if chat is None:
         chat = conversation or bool(getattr(tokenizer, "chat_template", None))
     if chat or conversation:
@@ -34,6 +38,16 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool | None) -> list[int
     if not ids:
         raise FerryError("the prompt is empty")
     return list(ids)
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that is not encodable as UTF-8: a lone surrogate (from a JSON "\\ud800" escape,
+    or an argv byte Python could not decode) would otherwise fail deep in the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise FerryError(f"{what} is not valid text: a lone surrogate or undecodable byte at character "
+                         f"{err.start} ({text[err.start]!r})") from None
 
 
 def check_messages(messages: Any) -> None:

@@ -10,6 +10,25 @@ from ferry.errors import FerryError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# config.json's size fields, each a positive integer (None allowed where a default derives it).
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "max_position_embeddings")
+OPTIONAL_SIZE_FIELDS = ("num_key_value_heads", "head_dim")
+
+
+def check_sizes(raw: dict, source: str) -> None:
+    """Refuse a config.json whose sizes are zero, negative or not integers, before
+    transformers divides by them (zero heads raised ZeroDivisionError) or a buffer is sized
+    from them. The message names the file and the field."""
+    for name in SIZE_FIELDS + OPTIONAL_SIZE_FIELDS:
+        value = raw.get(name)
+        if name not in raw or (value is None and name in OPTIONAL_SIZE_FIELDS):
+            continue  # transformers' default, or derived from the others
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise FerryError(f"{source}: {name} must be a positive integer, got {value!r}")
+    eps = raw.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise FerryError(f"{source}: rms_norm_eps must be a number in (0, 1), got {eps!r}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +70,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise FerryError(_unsupported(self.architecture))
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "max_position_embeddings")
+        for name in sizes:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise FerryError(f"the model's {name} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise FerryError(
                 f"num_attention_heads ({self.num_heads}) is not a multiple of "

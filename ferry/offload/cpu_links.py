@@ -5,6 +5,11 @@
   be measured and tested without a GPU.
 
 Both satisfy `ferry.offload.transfer.Link`; neither touches CUDA.
+
+A copy that fails in `EmulatedLink`'s worker must not leave compute waiting forever: the worker
+records the error on the copy's ticket and sets it, `wait`/`finish` raise it as a RuntimeError
+naming the copy, and every later or queued copy fails at once (the link is broken for good, as a
+real link would be after a failed transfer: the slot contents can no longer be trusted).
 """
 
 from __future__ import annotations
@@ -63,10 +68,27 @@ class InOrderLink(Traced):
         pass
 
 
+class CopyTicket(threading.Event):
+    """What `EmulatedLink.copy` returns: set when the copy is done or has failed (then `error`)."""
+
+    def __init__(self, tag, nbytes: int) -> None:
+        super().__init__()
+        self.tag, self.nbytes = tag, nbytes
+        self.error: BaseException | None = None
+
+    def describe(self) -> str:
+        return f"copy of {self.nbytes} bytes (tag {self.tag!r})"
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.set()
+
+
 class EmulatedLink(Traced):
     """CPU stand-in for PCIe: a worker thread copies in order at `gbps` GB/s at most."""
 
     CHUNK = 1 << 22  # bytes per throttled piece
+    POLL_S = 0.5  # how often a waiting compute thread checks that the worker is still alive
 
     def __init__(self, gbps: float):
         if not gbps > 0:
@@ -75,17 +97,21 @@ class EmulatedLink(Traced):
         self._stats = LinkStats(done_bytes=0)
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
+        self._broken: BaseException | None = None  # the first failed copy's error
         self._worker = threading.Thread(target=self._run, name="ferry-emulated-link", daemon=True)
         self._worker.start()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None, tag=None) -> threading.Event:
-        done = threading.Event()
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None, tag=None) -> CopyTicket:
+        done = CopyTicket(tag, src.numel() * src.element_size())
+        if self._broken is not None:  # fail fast: nothing after a failed copy can be trusted
+            raise RuntimeError(f"emulated link is broken by an earlier failed copy "
+                               f"({self._broken!r}); refusing the {done.describe()}") from self._broken
         with self._lock:  # counted when issued, as the other links do: a generation's bytes are
-            self._stats.bytes += src.numel() * src.element_size()  # the copies it asked for
+            self._stats.bytes += done.nbytes  # the copies it asked for
             self._stats.copies += 1
         # The worker copies raw bytes with numpy: a torch op from a second thread would start a
         # second OpenMP team whose spinning threads slow the compute thread down for good.
-        self._jobs.put((_bytes_of(dst), _bytes_of(src), done, tag))
+        self._jobs.put((_bytes_of(dst), _bytes_of(src), done))
         return done
 
     def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -96,42 +122,62 @@ class EmulatedLink(Traced):
             self._stats.bytes += src.numel() * src.element_size()
             self._stats.copies += 1
 
-    def wait(self, ticket: threading.Event | None) -> None:
-        if ticket is None or ticket.is_set():
+    def wait(self, ticket: CopyTicket | None) -> None:
+        """Block until the copy is done; raise if it failed or the worker is gone."""
+        if ticket is None:
             return
-        t0 = time.perf_counter()
-        ticket.wait()
-        with self._lock:
-            self._stats.stall_s += time.perf_counter() - t0
+        if not ticket.is_set():
+            t0 = time.perf_counter()
+            while not ticket.wait(self.POLL_S):
+                if not self._worker.is_alive():  # stopped without setting it: closed, or killed
+                    ticket.fail(self._broken or RuntimeError("the emulated link's worker stopped"))
+            with self._lock:
+                self._stats.stall_s += time.perf_counter() - t0
+        if ticket.error is not None:
+            raise RuntimeError(f"emulated link: {ticket.describe()} failed: {ticket.error!r}") from ticket.error
 
-    def finish(self, ticket: threading.Event | None) -> None:
-        """Block the calling thread until the copy is done."""
+    def finish(self, ticket: CopyTicket | None) -> None:
+        """Block the calling thread until the copy is done (raises as `wait`)."""
         self.wait(ticket)
 
     def compute_done(self):
         return None  # copies are issued from the compute thread after the compute they follow
 
     def _run(self) -> None:
+        """Copy jobs in order; after a failure, fail every queued job instead of copying it."""
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            dst, src, done, tag = job
-            t0 = time.perf_counter()
-            for lo in range(0, src.size, self.CHUNK):
-                hi = min(lo + self.CHUNK, src.size)
-                np.copyto(dst[lo:hi], src[lo:hi])
-                # Sleep until this piece would have arrived over a link of the set bandwidth.
-                delay = t0 + hi / self.rate - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-            t1 = time.perf_counter()
-            with self._lock:
-                self._stats.busy_s += t1 - t0
-                self._stats.done_bytes += src.size
-                if self._spans is not None:
-                    self._spans.append((tag, src.size, t0, t1))
-            done.set()
+            dst, src, done = job
+            if self._broken is not None:
+                done.fail(self._broken)
+                continue
+            try:
+                self._copy(dst, src, done.tag)
+            except BaseException as err:  # noqa: BLE001 -- handed to the compute side, not lost
+                self._broken = err
+                done.fail(err)
+            else:
+                done.set()
+
+    def _copy(self, dst: np.ndarray, src: np.ndarray, tag) -> None:
+        """One copy, in pieces, each no earlier than the set bandwidth would deliver it."""
+        if dst.size != src.size:
+            raise ValueError(f"destination holds {dst.size} bytes, source {src.size}")
+        t0 = time.perf_counter()
+        for lo in range(0, src.size, self.CHUNK):
+            hi = min(lo + self.CHUNK, src.size)
+            np.copyto(dst[lo:hi], src[lo:hi])
+            delay = t0 + hi / self.rate - time.perf_counter()  # when this piece would arrive
+            if delay > 0:
+                time.sleep(delay)
+        t1 = time.perf_counter()
+        with self._lock:
+            self._stats.busy_s += t1 - t0
+            self._stats.done_bytes += src.size
+            if self._spans is not None:
+                self._spans.append((tag, src.size, t0, t1))
 
     def stats(self) -> LinkStats:
         with self._lock:

@@ -1,24 +1,31 @@
 """Convert a GGUF file once into a Hugging Face safetensors folder in the ferry cache.
 
 The runtime then treats it like any other checkpoint (lazy safetensors reads, one code path).
-Tensors are dequantized one at a time and written shard by shard, so memory stays near one shard;
-the folder appears under its final name only when complete, so an interrupted run leaves nothing
-half-written behind.
+Tensors are dequantized one at a time and written shard by shard, so memory stays near one shard.
+The folder is built under an exclusive partial name and renamed into place when complete (see
+`cache_files`); its `ferry-cache.json` names the format, ferry's version and the GGUF file's
+identity, and a folder whose record does not match is rebuilt. Two processes converting the same
+file: the first to finish wins and the other uses its folder. A cache that cannot be written costs
+a warning: the conversion goes to a temporary folder removed at exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
-import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ferry.errors import FerryError
+from ferry.offload import cache_files
 
+FORMAT = 2  # bump when the conversion's output changes
+RECORD = "ferry-cache.json"
 SHARD_BYTES = 2 << 30
 _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}  # GGUF name -> transformers model_type
 _LAYER_NAMES = {
@@ -33,37 +40,102 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's rope scaling factors, folded into the config
 
 
 def convert_gguf(path: Path, cache_root: Path) -> Path:
     """The converted folder for `path`, converting on first use."""
     path = path.resolve()
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    head = cache_files.header(FORMAT, [str(path), *cache_files.file_identity([path])],
+                              {"shard_bytes": SHARD_BYTES, "quantized_to": "bf16"})
+    key = hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()[:12]
     out = cache_root / "gguf" / f"{path.stem}-{key}"
-    if (out / "model.safetensors.index.json").is_file():
+    cache_files.sweep_partials(out.parent)  # what killed conversions left behind
+    if _record_matches(out, head):
         return out
+    try:
+        tmp = cache_files.make_partial_dir(out)
+    except OSError as err:
+        cache_files.warn(f"cannot write the GGUF conversion cache {out.parent} ({err}); "
+                         "converting into a temporary folder removed at exit")
+        tmp = Path(tempfile.mkdtemp(prefix=f"ferry-{path.stem}-"))
+        atexit.register(cache_files.remove_tree, tmp)
+        _convert(path, tmp, head)
+        return tmp
+    try:
+        _convert(path, tmp, head)
+        return _commit(tmp, out, head)
+    finally:
+        cache_files.remove_tree(tmp)  # gone already when committed
+
+
+def _record_matches(out: Path, head: dict) -> bool:
+    """True when `out` holds a complete conversion made for `head`; a stale one is warned about."""
+    if not out.exists():
+        return False
+    try:
+        if json.loads((out / RECORD).read_text()) == head and (out / "model.safetensors.index.json").is_file():
+            return True
+    except (OSError, ValueError):
+        pass
+    cache_files.warn(f"the converted GGUF folder {out} is incomplete or stale; converting again")
+    return False
+
+
+def _commit(tmp: Path, out: Path, head: dict) -> Path:
+    """Rename the finished folder into place; if another process finished first, use theirs."""
+    for _ in range(2):
+        try:
+            os.rename(tmp, out)
+            cache_files.fsync_dir(out.parent)
+            return out
+        except OSError:
+            if _record_matches(out, head):
+                return out  # another converter won
+            stale = out.with_name(f"{cache_files.partial_prefix(out)}stale")
+            try:
+                os.rename(out, stale)  # move the stale folder aside, then try again
+            except OSError:
+                pass
+            cache_files.remove_tree(stale)
+    cache_files.warn(f"cannot place the converted GGUF folder at {out}; using it from {tmp} this run")
+    keep = Path(tempfile.mkdtemp(prefix="ferry-gguf-"))
+    os.rename(tmp, keep / "model")
+    atexit.register(cache_files.remove_tree, keep)
+    return keep / "model"
+
+
+def _convert(path: Path, out: Path, head: dict) -> None:
+    """Write the whole conversion of `path` into the (empty) folder `out`, its record last."""
     try:
         from gguf import GGUFReader
     except ImportError:
         raise FerryError("reading .gguf files needs the gguf package: pip install gguf") from None
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
         reader = GGUFReader(path)
+    except Exception as err:  # the gguf package raises anything from ValueError to struct errors
+        raise FerryError(f"{path} is not a readable GGUF file (truncated or damaged?): "
+                         f"{type(err).__name__}: {err}") from None
+    try:
         arch = _field(reader, "general.architecture")
         if arch not in _GGUF_ARCHS:
-            raise FerryError(f"GGUF architecture {arch!r} is not supported (supported: llama, qwen2)")
-        _save_config_and_tokenizer(path, tmp)
-        _write_tensors(reader, arch, tmp)
-        os.replace(tmp, out)
+            raise FerryError(f"{path}: GGUF architecture {arch!r} is not supported (supported: llama, qwen2)")
+        for t in reader.tensors:  # every name checked before minutes of work
+            if t.name != ROPE_FREQS:
+                hf_name(t.name, path)
+        _save_config_and_tokenizer(path, out)
+        _fold_rope_freqs(reader, arch, path, out)
+        _write_tensors(reader, arch, out, path)
+        for file in out.iterdir():
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+        with open(out / RECORD, "x") as f:
+            f.write(json.dumps(head))
+            cache_files.fsync_file(f)
+    except FerryError:
+        raise
     except Exception as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, (FerryError, KeyboardInterrupt)):
-            raise
         raise FerryError(f"could not convert {path}: {type(err).__name__}: {err}") from err
-    return out
 
 
 def _field(reader, name: str):
@@ -78,12 +150,97 @@ def _save_config_and_tokenizer(path: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
 
 
-def hf_name(gguf_name: str) -> str:
+def _fold_rope_freqs(reader, arch: str, path: Path, out: Path) -> None:
+    """Put the llama3 rope scaling that `rope_freqs` encodes into config.json.
+
+    llama.cpp stores Llama 3.1's scaling only as this per-frequency divisor tensor (no metadata),
+    and transformers' GGUF loader drops it, which would leave the rope unscaled.
+    """
+    tensor = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if tensor is None:
+        return
+    from gguf import quants
+
+    factors = np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).reshape(-1)
+    config = json.loads((out / "config.json").read_text())
+    params = dict(config.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta") or config.get("rope_theta")
+                  or _field(reader, f"{arch}.rope.freq_base") or 10000.0)
+    head_dim = _field(reader, f"{arch}.rope.dimension_count") or config.get("head_dim") or (
+        config["hidden_size"] // config["num_attention_heads"])
+    scaling = rope_parameters_from_factors(factors, theta, int(head_dim), str(path))
+    if scaling is None:
+        return  # all ones: no scaling, the tensor is redundant
+    config["rope_parameters"] = {**params, "rope_theta": theta, **scaling}
+    config.pop("rope_scaling", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def rope_parameters_from_factors(factors: np.ndarray, theta: float, head_dim: int, source: str) -> dict | None:
+    """The llama3 rope parameters whose per-frequency divisors are `factors`; None when all are 1.
+
+    llama.cpp writes, for each inverse frequency, 1 (short wavelengths), `factor` (long ones) or
+    1 / ((1 - s) / factor + s) on the ramp between, with s = (L / wavelength - low) / (high - low).
+    s is linear in 1 / wavelength, so the ramp points give L / (high - low) and low / (high - low);
+    only their ratios matter, so low_freq_factor is taken as 1. The fit is checked against every
+    factor: a tensor that is not llama3 scaling is refused rather than used wrongly.
+    """
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if factors.shape != inv.shape:
+        raise FerryError(f"{source}: rope_freqs has {factors.size} values, expected {inv.size} (head_dim {head_dim})")
+    if np.allclose(factors, 1.0, rtol=0, atol=1e-6):
+        return None
+    factor = float(factors.max())
+    x = inv / (2 * np.pi)  # 1 / wavelength
+    ramp = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if ramp.sum() >= 2:
+        s = (1 / factors[ramp] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(x[ramp], s, 1)
+    else:  # no ramp to fit: put s = 0 and s = 1 between the neighbouring scaled and unscaled points
+        lo = x[factors >= factor * (1 - 1e-6)].max()
+        unscaled = x[factors <= 1 + 1e-6]
+        hi = unscaled.min() if unscaled.size else lo * 8
+        if ramp.any():  # one ramp point: the line through it and s = 0 a third of the way from lo
+            x1, s1 = x[ramp][0], (1 / factors[ramp][0] - 1 / factor) / (1 - 1 / factor)
+            x0 = lo * (x1 / lo) ** (1 / 3)
+        else:
+            x0, x1, s1 = lo * (hi / lo) ** (1 / 3), lo * (hi / lo) ** (2 / 3), 1.0
+        slope = s1 / (x1 - x0)
+        intercept = -slope * x0
+    high = 1 - 1 / intercept if intercept < 0 else 0.0
+    old = slope * (high - 1)  # original_max_position_embeddings with low_freq_factor 1
+    tidy = {"rope_type": "llama3", "factor": round(factor, 6), "low_freq_factor": 1.0,
+            "high_freq_factor": round(high, 3), "original_max_position_embeddings": int(round(old))}
+    k = max(1, round(old)) / old  # scaling old, low and high together leaves every factor as it is
+    exact = {**tidy, "low_freq_factor": k, "high_freq_factor": float(high * k),
+             "original_max_position_embeddings": max(1, int(round(old)))}
+    for params in (tidy, exact):
+        if high > 1 and np.allclose(_llama3_factors(inv, params), factors, rtol=1e-4, atol=1e-6):
+            return params
+    raise FerryError(f"{source}: rope_freqs does not follow llama3 rope scaling; ferry cannot use it")
+
+
+def _llama3_factors(inv: np.ndarray, p: dict) -> np.ndarray:
+    """llama.cpp's rope_freqs for llama3 parameters `p` (the inverse of the fit above)."""
+    wavelen = 2 * np.pi / inv
+    L, factor = p["original_max_position_embeddings"], p["factor"]
+    low, high = p["low_freq_factor"], p["high_freq_factor"]
+    smooth = (L / wavelen - low) / (high - low)
+    ramp = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < L / high, 1.0, np.where(wavelen > L / low, factor, ramp))
+
+
+def hf_name(gguf_name: str, source: object = "the GGUF file") -> str:
     """Hugging Face tensor name for a GGUF one (blk.3.attn_q.weight -> model.layers.3...)."""
     parts = gguf_name.split(".")
-    if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+    try:
+        if parts[0] == "blk" and len(parts) == 4:
+            return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+        if len(parts) == 2:
+            return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+    except (KeyError, ValueError):
+        pass
+    raise FerryError(f"{source}: unknown GGUF tensor {gguf_name!r} (ferry converts llama and qwen2 tensors only)")
 
 
 def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -92,7 +249,7 @@ def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_tensors(reader, arch: str, out: Path) -> None:
+def _write_tensors(reader, arch: str, out: Path, path: Path) -> None:
     from gguf import GGMLQuantizationType, quants
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -112,7 +269,9 @@ def _write_tensors(reader, arch: str, out: Path) -> None:
         shard, shard_bytes, shard_index = {}, 0, shard_index + 1
 
     for t in tqdm(reader.tensors, desc="converting GGUF", unit="tensor"):
-        name = hf_name(t.name)
+        if t.name == ROPE_FREQS:
+            continue  # folded into config.json by _fold_rope_freqs
+        name = hf_name(t.name, path)
         w = quants.dequantize(t.data, t.tensor_type)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = unpermute_rope_rows(w, heads if "q_proj" in name else kv_heads)

@@ -69,10 +69,11 @@ def load_model(
     else:
         resident, host, peak = _load_layers(checkpoint, layout, reader, streamed, dtype, device, pin, progress)
     embed_device = device if plan.embed_on_device else torch.device("cpu")
-    embed = reader.get("model.embed_tokens.weight").to(device=embed_device, dtype=dtype)
+    table = (cfg.vocab_size, cfg.hidden_size)  # an embedding short of vocab_size rows is refused here
+    embed = reader.get("model.embed_tokens.weight", table).to(device=embed_device, dtype=dtype)
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in reader
-    lm_head = embed.to(device) if tied else reader.get("lm_head.weight").to(device=device, dtype=dtype)
-    norm = reader.get("model.norm.weight").to(device=device, dtype=dtype)
+    lm_head = embed.to(device) if tied else reader.get("lm_head.weight", table).to(device=device, dtype=dtype)
+    norm = reader.get("model.norm.weight", (cfg.hidden_size,)).to(device=device, dtype=dtype)
     reader.close()
     peak = max(peak, psutil.Process().memory_info().rss)
     executor = LayerExecutor(layout, resident, host, plan.prefetch_depth, link, device, dtype,

@@ -1,29 +1,54 @@
 """Checkpoint tensors -> one layer's flat buffer, in ferry's layout.
 
 The one place that knows the Hugging Face tensor names of a decoder layer; the bf16 loader and
-the quantizer both pack through it.
+the quantizer both pack through it. Each tensor is asked for with the shape the config implies,
+so the reader checks shape, dtype and finiteness before the copy: `copy_` would broadcast a
+[1, H] q_proj or a [1] norm into the buffer and the model would answer garbage with exit 0.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from ferry.model.config import ModelConfig
 from ferry.model.weights import LayerLayout, LayerWeights
 
+# get(name, shape) -> the tensor, checked against shape (TensorReader.get)
+Getter = Callable[[str, tuple[int, ...]], torch.Tensor]
 
-def pack_layer(cfg: ModelConfig, layout: LayerLayout, get, prefix: str, flat: torch.Tensor) -> None:
+
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The checkpoint shape of each tensor of a decoder layer (names after the layer prefix)."""
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    shapes = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+              "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+              "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+              "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i)}
+    if cfg.attention_bias:
+        shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                       "self_attn.v_proj.bias": (kv,)})
+    return shapes
+
+
+def pack_layer(cfg: ModelConfig, layout: LayerLayout, get: Getter, prefix: str, flat: torch.Tensor) -> None:
     """Copy one checkpoint layer into its flat buffer (casting to the buffer's dtype)."""
+    shapes = layer_shapes(cfg)
+
+    def read(name: str) -> torch.Tensor:
+        return get(prefix + name, shapes[name])
+
     w: LayerWeights = layout.views(flat)
     bundle = w.mlp[0]
-    attn, q, kv = prefix + "self_attn.", cfg.q_size, cfg.kv_size
-    w.attn_norm.copy_(get(prefix + "input_layernorm.weight"))
+    q, kv = cfg.q_size, cfg.kv_size
+    w.attn_norm.copy_(read("input_layernorm.weight"))
     for rows, name in ((slice(0, q), "q"), (slice(q, q + kv), "k"), (slice(q + kv, q + 2 * kv), "v")):
-        w.qkv[rows].copy_(get(f"{attn}{name}_proj.weight"))
+        w.qkv[rows].copy_(read(f"self_attn.{name}_proj.weight"))
         if w.qkv_bias is not None:
-            w.qkv_bias[rows].copy_(get(f"{attn}{name}_proj.bias"))
-    w.o.copy_(get(attn + "o_proj.weight"))
-    w.mlp_norm.copy_(get(prefix + "post_attention_layernorm.weight"))
-    bundle[:, 0].copy_(get(prefix + "mlp.gate_proj.weight"))
-    bundle[:, 1].copy_(get(prefix + "mlp.up_proj.weight"))
-    bundle[:, 2].copy_(get(prefix + "mlp.down_proj.weight").t())  # down columns become rows
+            w.qkv_bias[rows].copy_(read(f"self_attn.{name}_proj.bias"))
+    w.o.copy_(read("self_attn.o_proj.weight"))
+    w.mlp_norm.copy_(read("post_attention_layernorm.weight"))
+    bundle[:, 0].copy_(read("mlp.gate_proj.weight"))
+    bundle[:, 1].copy_(read("mlp.up_proj.weight"))
+    bundle[:, 2].copy_(read("mlp.down_proj.weight").t())  # down columns become rows

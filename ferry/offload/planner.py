@@ -85,6 +85,15 @@ class Plan:
         return StepBytes.of(self.num_layers, self.layer_bytes, self.prefix_bytes, head, self.link_bytes)
 
     @property
+    def pinned_bytes(self) -> int:
+        """Host memory the loader page-locks: the streamed layers' buffers on a CUDA device (each
+        locked at its exact size, see `transfer.host_empty`), 0 elsewhere. Embeddings kept in host
+        memory are not pinned (one row per token moves), so they are not counted here."""
+        if not self.device.startswith("cuda"):
+            return 0
+        return len(self.streamed_layers) * self.layer_bytes
+
+    @property
     def fits(self) -> bool:
         return not self.problems
 
@@ -99,6 +108,7 @@ class Plan:
         for name in ("resident_layers", "streamed_layers", "prefix_layers"):
             d[name] = list(d[name])
         d["resident_bytes"] = self.device_bytes
+        d["pinned_bytes"] = self.pinned_bytes
         return d
 
 

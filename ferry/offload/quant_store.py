@@ -1,21 +1,25 @@
 """The quantized host store: quantize once at load, cache the packed layers on disk, reuse them.
 
 The first load packs each checkpoint layer into a scratch buffer (fp32, one layer), quantizes it
-into its final uint8 buffer and appends those bytes to a file written under a temporary name,
-renamed when complete (an interrupted run leaves nothing behind). Later loads read each layer's
-bytes straight into its buffer. Either way one layer is handled at a time, so peak memory stays
-near the size of the (quantized) store.
+into its final uint8 buffer and appends those bytes to a cache file written under an exclusive
+temporary name (see `cache_files`), renamed when complete. Later loads read each layer's bytes
+straight into its buffer. Either way one layer is handled at a time, so peak memory stays near the
+size of the (quantized) store.
 
 The cache file lives in ferry's cache folder (`$FERRY_CACHE_DIR`, else ~/.cache/ferry) under
-`quant/`, keyed by the model's identity (folder, config, weight files' names, sizes and
-modification times), the method and the group size.
+`quant/`. Its name is keyed by its header: ferry's version, the model's identity (folder, config,
+weight files' names, sizes and modification times), the bits and the group size. The header is
+also stored in the file, after the layers, with a CRC32 of each layer: a file whose header differs
+or whose bytes do not match their checksums is warned about and rebuilt, never used. A cache that
+cannot be written (full disk, read-only folder) costs a warning, not the run.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import warnings
+import json
+import struct
+import zlib
 from pathlib import Path
 
 import psutil
@@ -23,22 +27,38 @@ import torch
 from tqdm import tqdm
 
 from ferry.model.quant import QuantLayout, quantize_layer
+from ferry.offload import cache_files
 from ferry.offload.checkpoint import Checkpoint, TensorReader
 from ferry.offload.pack import pack_layer
 from ferry.offload.sources import cache_dir
 from ferry.offload.transfer import host_empty
 
-FORMAT = 1  # bump when the byte layout changes
+FORMAT = 2  # bump when the byte layout changes
+MAGIC = b"FERRYQ02"
+_TAIL = struct.Struct("<Q8s")  # trailer length, magic: the file's last 16 bytes
+
+
+class _Damaged(Exception):
+    """A cached layer's bytes do not match its checksum."""
+
+
+def cache_header(checkpoint: Checkpoint, q: QuantLayout) -> dict:
+    folder = checkpoint.folder.resolve()
+    config = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+    shards = cache_files.file_identity(set(checkpoint.shard_of.values()))
+    settings = {"bits": q.bits, "group": q.group, "layer_bytes": q.numel,
+                "layers": checkpoint.config.num_layers}
+    return cache_files.header(FORMAT, [str(folder), config, shards], settings)
 
 
 def cache_file(checkpoint: Checkpoint, q: QuantLayout) -> Path:
-    folder = checkpoint.folder.resolve()
-    h = hashlib.sha256(f"{FORMAT}|{folder}|{q.bits}|{q.group}".encode())
-    h.update((folder / "config.json").read_bytes())
-    for file in sorted(set(checkpoint.shard_of.values())):
-        st = file.stat()
-        h.update(f"|{file.name}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return cache_dir() / "quant" / f"{folder.name}-int{q.bits}-g{q.group}-{h.hexdigest()[:16]}.bin"
+    key = hashlib.sha256(json.dumps(cache_header(checkpoint, q), sort_keys=True).encode()).hexdigest()
+    name = checkpoint.folder.resolve().name
+    return cache_dir() / "quant" / f"{name}-int{q.bits}-g{q.group}-{key[:16]}.bin"
+
+
+def _checksum(buf: torch.Tensor) -> int:
+    return zlib.crc32(memoryview(buf.numpy()))
 
 
 def load_quantized_layers(
@@ -47,16 +67,51 @@ def load_quantized_layers(
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
     """(resident layers on the device, streamed layers in host memory, peak RSS), as uint8 buffers."""
     path = cache_file(checkpoint, q)
+    cache_files.sweep_partials(path.parent)  # what killed runs left behind
+    head = cache_header(checkpoint, q)
+    sums = _cached_checksums(path, head)
+    if sums is not None:
+        try:
+            return _load(checkpoint, q, streamed, device, pin, progress, path, head, sums)
+        except _Damaged as err:
+            cache_files.warn(f"the quantized cache {path} is damaged ({err}); rebuilding it")
+    return _load(checkpoint, q, streamed, device, pin, progress, path, head, None)
+
+
+def _cached_checksums(path: Path, head: dict) -> list[int] | None:
+    """The layer checksums of a cache file matching `head`; None (warned) for a stale one."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(0, size - _TAIL.size))
+            length, magic = _TAIL.unpack(f.read(_TAIL.size))
+            body = size - _TAIL.size - length
+            expect = head["settings"]["layers"] * head["settings"]["layer_bytes"]
+            if magic != MAGIC or body != expect:
+                raise ValueError("wrong size or not a ferry cache")
+            f.seek(body)
+            stored = json.loads(f.read(length))
+        sums = stored.pop("checksums")
+        if stored != head or len(sums) != head["settings"]["layers"]:
+            raise ValueError("written for other settings or another ferry version")
+        return sums
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        cache_files.warn(f"ignoring the quantized cache {path} ({err}); rebuilding it")
+        return None
+
+
+def _load(checkpoint, q, streamed, device, pin, progress, path, head, sums):
     n_layers = checkpoint.config.num_layers
-    cached = path.is_file() and path.stat().st_size == n_layers * q.numel
     process = psutil.Process()
     peak = process.memory_info().rss
     resident: dict[int, torch.Tensor] = {}
     host: dict[int, torch.Tensor] = {}
     staging = None if device.type == "cpu" else torch.empty(q.numel, dtype=torch.uint8)
-    writer = None if cached else _Writer.open(path)
-    make = _layer_reader(path) if cached else _Quantizer(checkpoint, q)
-    desc = f"loading int{q.bits} layers" if cached else f"quantizing layers to int{q.bits} (once, cached)"
+    writer = None if sums is not None else _Writer.open(path, head)
+    make = _LayerReader(path, sums) if sums is not None else _Quantizer(checkpoint, q)
+    desc = f"loading int{q.bits} layers" if sums is not None else f"quantizing layers to int{q.bits} (once, cached)"
     try:
         for i in tqdm(range(n_layers), desc=desc, unit="layer", disable=not progress):
             if i in streamed:
@@ -64,8 +119,8 @@ def load_quantized_layers(
             else:
                 buf = staging if staging is not None else torch.empty(q.numel, dtype=torch.uint8)
             make(i, buf)
-            if writer is not None:
-                writer.write(buf)
+            if writer is not None and not writer.write(buf):
+                writer = None
             if i not in streamed:
                 resident[i] = buf.to(device, copy=staging is not None)
             peak = max(peak, process.memory_info().rss)
@@ -74,8 +129,7 @@ def load_quantized_layers(
     finally:
         if writer is not None:
             writer.discard()
-        if hasattr(make, "close"):
-            make.close()
+        make.close()
     return resident, host, peak
 
 
@@ -96,43 +150,69 @@ class _Quantizer:
         self.reader.close()
 
 
-def _layer_reader(path: Path):
-    f = open(path, "rb")
+class _LayerReader:
+    """Cached layer i -> its buffer, checked against the layer's checksum."""
 
-    def read(i: int, out: torch.Tensor) -> None:
-        f.seek(i * out.numel())
-        if f.readinto(out.numpy()) != out.numel():
-            raise OSError(f"{path} is shorter than expected")
+    def __init__(self, path: Path, sums: list[int]):
+        self.path, self.sums, self.f = path, sums, open(path, "rb")
 
-    read.close = f.close  # type: ignore[attr-defined]
-    return read
+    def __call__(self, i: int, out: torch.Tensor) -> None:
+        self.f.seek(i * out.numel())
+        if self.f.readinto(out.numpy()) != out.numel():
+            raise _Damaged(f"layer {i} is short")
+        if _checksum(out) != self.sums[i]:
+            raise _Damaged(f"layer {i} does not match its checksum")
+
+    def close(self) -> None:
+        self.f.close()
 
 
 class _Writer:
-    """Appends layers to a temporary file; `commit` renames it into place."""
+    """Appends layers to an exclusive temporary file; `commit` adds the header and renames it.
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.tmp = path, path.with_name(f"{path.name}.partial-{os.getpid()}")
-        self.f = open(self.tmp, "wb")
+    Any OSError (full disk, read-only folder) warns and drops the cache: the load goes on.
+    """
+
+    def __init__(self, path: Path, head: dict):
+        self.path, self.head, self.sums = path, head, []
+        self.seen = cache_files.stat_key(path)
+        self.f, self.tmp = cache_files.create_partial(path)
 
     @classmethod
-    def open(cls, path: Path) -> "_Writer | None":
-        """None (and a warning) when the cache cannot be written: the load itself still works."""
+    def open(cls, path: Path, head: dict) -> "_Writer | None":
         try:
-            return cls(path)
+            return cls(path, head)
         except OSError as err:
-            warnings.warn(f"cannot write the quantized cache {path} ({err}); quantizing every load")
+            cache_files.warn(f"cannot write the quantized cache {path} ({err}); quantizing every load")
             return None
 
-    def write(self, buf: torch.Tensor) -> None:
-        self.f.write(memoryview(buf.numpy()))
+    def write(self, buf: torch.Tensor) -> bool:
+        try:
+            self.f.write(memoryview(buf.numpy()))
+            self.sums.append(_checksum(buf))
+            return True
+        except OSError as err:
+            self._give_up(err)
+            return False
 
     def commit(self) -> None:
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        try:
+            trailer = json.dumps({**self.head, "checksums": self.sums}).encode()
+            self.f.write(trailer + _TAIL.pack(len(trailer), MAGIC))
+            cache_files.fsync_file(self.f)
+            self.f.close()
+            cache_files.commit_file(self.tmp, self.path, self.seen)  # False: another writer won
+        except OSError as err:
+            self._give_up(err)
+
+    def _give_up(self, err: OSError) -> None:
+        cache_files.warn(f"cannot write the quantized cache {self.path} ({err}); continuing uncached")
+        self.discard()
 
     def discard(self) -> None:
         if not self.f.closed:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError:
+                pass
         self.tmp.unlink(missing_ok=True)

@@ -23,9 +23,13 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken
 
 
 def cache_dir() -> Path:
-    """ferry's own cache (converted GGUF files): $FERRY_CACHE_DIR or ~/.cache/ferry."""
+    """ferry's own cache (converted GGUF files, quantized layers, CATS thresholds).
+
+    $FERRY_CACHE_DIR (with ~ expanded), else $XDG_CACHE_HOME/ferry, else ~/.cache/ferry. The rules
+    its files follow (headers, exclusive partial files, fallbacks) are in `cache_files`.
+    """
     if os.environ.get("FERRY_CACHE_DIR"):
-        return Path(os.environ["FERRY_CACHE_DIR"])
+        return Path(os.environ["FERRY_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "ferry"
 

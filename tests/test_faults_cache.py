@@ -1,0 +1,406 @@
+"""Cache faults: a cache is never silently wrong and never the reason a run fails.
+
+Scrambled, stale, unwritable, concurrently written and interrupted caches (quantized layers, CATS
+thresholds, GGUF conversions), and GGUF files ferry must refuse clearly or read correctly.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ferry
+from ferry.errors import FerryError
+from ferry.model.quant import QuantConfig, QuantLayout
+from ferry.offload import cache_files, gguf as gguf_mod, quant_store
+from ferry.offload.checkpoint import load_hf_config, open_checkpoint
+from ferry.sparse.calibrate import calibration_file
+
+PROMPT = "The capital of France"
+COMMON = dict(dtype="fp32", ctx=64, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(root))
+    return root
+
+
+def logits(engine) -> torch.Tensor:
+    return engine.logits(engine.encode(PROMPT, chat=False))
+
+
+def quant_files(cache: Path) -> list[Path]:
+    return sorted((cache / "quant").iterdir()) if (cache / "quant").exists() else []
+
+
+def fresh_quantized_logits(folder, monkeypatch, tmp_path, **options) -> torch.Tensor:
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "elsewhere"))
+    want = logits(ferry.load(folder, **COMMON, quant="int4", **options))
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "cache"))
+    return want
+
+
+# --- the quantized cache ----------------------------------------------------------------------
+def test_scrambled_quant_cache_warns_and_is_rebuilt(tiny_model_dir, cache, monkeypatch, tmp_path):
+    folder = tiny_model_dir("llama3")
+    want = fresh_quantized_logits(folder, monkeypatch, tmp_path)
+    ferry.load(folder, **COMMON, quant="int4")
+    [path] = quant_files(cache)
+    data = bytearray(path.read_bytes())
+    data[1000:1064] = bytes(reversed(data[1000:1064]))  # same size, wrong bytes
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="damaged"):
+        engine = ferry.load(folder, **COMMON, quant="int4")
+    torch.testing.assert_close(logits(engine), want, atol=0, rtol=0)
+    assert quant_files(cache) == [path] and path.read_bytes() != bytes(data)  # rebuilt in place
+    torch.testing.assert_close(logits(ferry.load(folder, **COMMON, quant="int4")), want, atol=0, rtol=0)
+
+
+def test_quant_cache_of_another_version_is_not_used(tiny_model_dir, cache, monkeypatch):
+    folder = tiny_model_dir("llama3")
+    ferry.load(folder, **COMMON, quant="int8")
+    [path] = quant_files(cache)
+    monkeypatch.setattr(cache_files, "ferry_version", lambda: "99.0")
+    calls = []
+    real = quant_store.quantize_layer
+    monkeypatch.setattr(quant_store, "quantize_layer", lambda *a: (calls.append(1), real(*a)))
+    ferry.load(folder, **COMMON, quant="int8")
+    assert len(calls) == 4 and len(quant_files(cache)) == 2 and path in quant_files(cache)
+
+
+class FullDisk:
+    """A file whose writes fail as on a full disk after `ok` of them."""
+
+    def __init__(self, f, ok: int):
+        self.f, self.ok = f, ok
+
+    def write(self, data):
+        if self.ok <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.ok -= 1
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_full_disk_while_writing_the_quant_cache_warns_and_runs(tiny_model_dir, cache, monkeypatch, tmp_path):
+    folder = tiny_model_dir("llama3")
+    want = fresh_quantized_logits(folder, monkeypatch, tmp_path)
+    real = cache_files.create_partial
+
+    def full(target, mode="wb"):
+        f, tmp = real(target, mode)
+        return FullDisk(f, ok=2), tmp
+
+    monkeypatch.setattr(cache_files, "create_partial", full)
+    with pytest.warns(UserWarning, match="No space left"):
+        engine = ferry.load(folder, **COMMON, quant="int4")
+    torch.testing.assert_close(logits(engine), want, atol=0, rtol=0)
+    assert quant_files(cache) == []  # the partial file is gone
+
+
+def test_keyboard_interrupt_while_quantizing_leaves_no_partial_file(tiny_model_dir, cache, monkeypatch):
+    calls = []
+    real = quant_store.quantize_layer
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(quant_store, "quantize_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ferry.load(tiny_model_dir("llama3"), **COMMON, quant="int4")
+    assert quant_files(cache) == []
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_partials_of_dead_processes_are_removed(tiny_model_dir, cache):
+    (cache / "quant").mkdir(parents=True)
+    dead = cache / "quant" / f"model.bin.partial-{dead_pid()}-abc123"
+    dead.write_bytes(b"half")
+    dead_dir = cache / "quant" / f"folder.partial-{dead_pid()}-xyz"
+    dead_dir.mkdir()
+    (dead_dir / "shard").write_bytes(b"x")
+    alive = cache / "quant" / f"model.bin.partial-{os.getppid()}-def456"  # a live writer's file
+    alive.write_bytes(b"busy")
+    ferry.load(tiny_model_dir("llama3"), **COMMON, quant="int8")
+    assert not dead.exists() and not dead_dir.exists() and alive.exists()
+
+
+def test_second_writer_keeps_the_first_writers_file(tmp_path):
+    target = tmp_path / "c.bin"
+    seen = cache_files.stat_key(target)
+    f, tmp = cache_files.create_partial(target)
+    with f:
+        f.write(b"second")
+        cache_files.fsync_file(f)
+    target.write_bytes(b"first")  # another process finished meanwhile
+    assert not cache_files.commit_file(tmp, target, seen)
+    assert target.read_bytes() == b"first" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_partial_files_are_exclusive_and_never_follow_a_planted_symlink(tmp_path):
+    target = tmp_path / "c.bin"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    (tmp_path / f"{target.name}.partial-{os.getpid()}").symlink_to(victim)  # the old predictable name
+    f1, p1 = cache_files.create_partial(target)
+    f2, p2 = cache_files.create_partial(target)
+    with f1, f2:
+        f1.write(b"one"), f2.write(b"two")
+    assert p1 != p2 and not p1.is_symlink() and not p2.is_symlink()
+    assert victim.read_bytes() == b"keep"
+
+
+# --- cache keys -------------------------------------------------------------------------------
+def test_cache_keys_follow_group_size_mtime_and_version(tiny_model_dir, tmp_path, monkeypatch):
+    folder = Path(shutil.copytree(tiny_model_dir("llama3"), tmp_path / "model"))
+    cfg = open_checkpoint(folder).config
+
+    def keys():
+        checkpoint = open_checkpoint(folder)
+        quant = [quant_store.cache_file(checkpoint, QuantLayout.for_config(cfg, QuantConfig("int4", group_size=g)))
+                 for g in (32, 64)]
+        return quant[0], quant[1], calibration_file(folder, torch.float32, "int4")
+
+    before = keys()
+    assert before[0] != before[1]  # group size
+    shard = folder / "model.safetensors"
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    after_touch = keys()
+    assert all(a != b for a, b in zip(before, after_touch))  # shard mtime, also for CATS
+    monkeypatch.setattr(cache_files, "ferry_version", lambda: "99.0")
+    assert all(a != b for a, b in zip(after_touch, keys()))  # ferry's version
+
+
+# --- CATS thresholds --------------------------------------------------------------------------
+def test_read_only_cache_for_cats_warns_and_uses_the_thresholds(tiny_model_dir, cache, monkeypatch, tmp_path):
+    folder = tiny_model_dir("llama3")
+    options = dict(**COMMON, sparsity=0.5, mode="sparse", sparse_method="cats")
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "writable"))
+    want = ferry.load(folder, **options).generate(PROMPT, max_new_tokens=8, ignore_eos=True).token_ids
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(cache))
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cache_files, "create_partial", read_only)
+    with pytest.warns(UserWarning, match="CATS thresholds"):
+        engine = ferry.load(folder, **options)
+    assert engine.runtime.executor.store.thresholds is not None
+    assert engine.generate(PROMPT, max_new_tokens=8, ignore_eos=True).token_ids == want
+
+
+def test_stale_cats_cache_is_recomputed(tiny_model_dir, cache):
+    folder = tiny_model_dir("llama3")
+    options = dict(**COMMON, sparsity=0.5, mode="sparse", sparse_method="cats")
+    ferry.load(folder, **options)
+    [path] = list((cache / "cats").iterdir())
+    stored = json.loads(path.read_text())
+    stored["ferry"] = "0.0.1"
+    path.write_text(json.dumps(stored))
+    with pytest.warns(UserWarning, match="recalibrating"):
+        ferry.load(folder, **options)
+    assert json.loads(path.read_text())["ferry"] == cache_files.ferry_version()
+
+
+# --- GGUF conversion --------------------------------------------------------------------------
+def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """The row order llama.cpp's converter writes for q/k (each head's rotary halves interleaved)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_rope_freqs(cfg: dict) -> np.ndarray:
+    """rope_freqs as llama.cpp's convert_hf_to_gguf.py writes it for llama3 rope scaling."""
+    p = cfg["rope_parameters"]
+    dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    factors = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * p["rope_theta"] ** (i / dim)
+        old = p["original_max_position_embeddings"]
+        if wavelen < old / p["high_freq_factor"]:
+            factors.append(1.0)
+        elif wavelen > old / p["low_freq_factor"]:
+            factors.append(p["factor"])
+        else:
+            smooth = (old / wavelen - p["low_freq_factor"]) / (p["high_freq_factor"] - p["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / p["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+_GGUF_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+_GGUF_TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def write_gguf(folder: Path, out: Path, extra: dict[str, np.ndarray] | None = None) -> Path:
+    """A tiny llama GGUF (f32 tensors, gpt2 tokenizer) of the checkpoint in `folder`."""
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    w = gguf.GGUFWriter(out, "llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_vocab_size(cfg["vocab_size"])
+    vocab = [t for t, _ in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    tokens = vocab + [f"<unused{i}>" for i in range(cfg["vocab_size"] - len(vocab))]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(1), w.add_eos_token_id(2), w.add_pad_token_id(0)
+    heads = {"self_attn.q_proj": cfg["num_attention_heads"], "self_attn.k_proj": cfg["num_key_value_heads"]}
+    for name, t in load_file(folder / "model.safetensors").items():
+        a, parts = t.float().numpy(), name.split(".")
+        if parts[1] == "layers":
+            module = ".".join(parts[3:-1])
+            if module in heads:
+                a = llama_cpp_permute(a, heads[module])
+            name = f"blk.{parts[2]}.{_GGUF_LAYER[module]}.{parts[-1]}"
+        else:
+            name = f"{_GGUF_TOP[name.rsplit('.', 1)[0]]}.{parts[-1]}"
+        w.add_tensor(name, np.ascontiguousarray(a))
+    for name, a in (extra or {}).items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.fixture
+def llama31_gguf(tiny_model_dir, tmp_path) -> tuple[Path, Path]:
+    """(a Llama-3.1-style GGUF carrying rope_freqs, the checkpoint it was made from)."""
+    folder = tiny_model_dir("llama3")
+    freqs = llama_cpp_rope_freqs(json.loads((folder / "config.json").read_text()))
+    assert 1 < freqs.max() and freqs.min() == 1  # the tiny model's rope is really scaled
+    return write_gguf(folder, tmp_path / "tiny-llama31.gguf", {"rope_freqs.weight": freqs}), folder
+
+
+def test_rope_freqs_becomes_the_llama3_rope_of_the_converted_config(llama31_gguf, cache):
+    from ferry.model.config import ModelConfig
+    from ferry.model.rope import rope_inv_freq
+
+    path, folder = llama31_gguf
+    out = gguf_mod.convert_gguf(path, cache)
+    got = ModelConfig.from_hf(load_hf_config(out))
+    want = ModelConfig.from_hf(load_hf_config(folder))
+    assert got.rope.kind == "llama3"
+    torch.testing.assert_close(rope_inv_freq(got.rope, 16), rope_inv_freq(want.rope, 16), rtol=1e-5, atol=0)
+    converted, original = ferry.load(out, **COMMON), ferry.load(folder, **COMMON)
+    ids = original.encode(PROMPT, chat=False)
+    torch.testing.assert_close(converted.logits(ids), original.logits(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_rope_freqs_fit_recovers_llama_3_1_parameters():
+    cfg = {"hidden_size": 4096, "num_attention_heads": 32, "rope_parameters": dict(
+        rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192)}
+    params = gguf_mod.rope_parameters_from_factors(llama_cpp_rope_freqs(cfg).astype(np.float64),
+                                                   500000.0, 128, "x.gguf")
+    assert params == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}
+    assert gguf_mod.rope_parameters_from_factors(np.ones(64), 500000.0, 128, "x.gguf") is None
+    with pytest.raises(FerryError, match="x.gguf.*llama3"):
+        gguf_mod.rope_parameters_from_factors(np.linspace(1, 3, 64), 500000.0, 128, "x.gguf")
+
+
+def test_unknown_gguf_tensor_is_one_clear_error(tiny_model_dir, tmp_path, cache):
+    path = write_gguf(tiny_model_dir("llama3"), tmp_path / "odd.gguf",
+                      {"blk.0.attn_mystery.weight": np.zeros(8, dtype=np.float32)})
+    with pytest.raises(FerryError, match=r"odd\.gguf.*unknown GGUF tensor 'blk\.0\.attn_mystery\.weight'"):
+        gguf_mod.convert_gguf(path, cache)
+    assert list((cache / "gguf").iterdir()) == []  # nothing half-written left
+
+
+def test_truncated_gguf_is_one_clear_error(tiny_model_dir, tmp_path, cache):
+    path = write_gguf(tiny_model_dir("llama3"), tmp_path / "cut.gguf")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    with pytest.raises(FerryError, match=r"cut\.gguf.*(truncated|not a readable)"):
+        gguf_mod.convert_gguf(path, cache)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(FerryError, match=r"garbage\.gguf"):
+        gguf_mod.convert_gguf(garbage, cache)
+
+
+def test_second_converter_uses_the_folder_the_first_finished(llama31_gguf, cache, monkeypatch):
+    path, _ = llama31_gguf
+    real = gguf_mod._convert
+    first: list[Path] = []
+
+    def racing(src, tmp, head):  # another process finishes the same conversion while we work
+        real(src, tmp, head)
+        shutil.copytree(tmp, first[0])
+
+    key_probe = gguf_mod.convert_gguf(path, cache)  # learn the target's name
+    first.append(key_probe)
+    shutil.rmtree(key_probe)
+    monkeypatch.setattr(gguf_mod, "_convert", racing)
+    assert gguf_mod.convert_gguf(path, cache) == key_probe
+    assert [p.name for p in (cache / "gguf").iterdir()] == [key_probe.name]  # our partial is gone
+    monkeypatch.setattr(gguf_mod, "_convert", None)  # a complete folder is used without converting
+    assert gguf_mod.convert_gguf(path, cache) == key_probe
+
+
+def test_read_only_gguf_cache_converts_into_a_temporary_folder(llama31_gguf, cache, monkeypatch):
+    path, _ = llama31_gguf
+
+    def read_only(target):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cache_files, "make_partial_dir", read_only)
+    with pytest.warns(UserWarning, match="temporary folder"):
+        out = gguf_mod.convert_gguf(path, cache)
+    assert cache not in out.parents and (out / "model.safetensors.index.json").is_file()
+
+
+def test_gguf_cache_key_follows_mtime_and_version(llama31_gguf, cache, monkeypatch):
+    path, _ = llama31_gguf
+    out = gguf_mod.convert_gguf(path, cache)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched = gguf_mod.convert_gguf(path, cache)
+    monkeypatch.setattr(cache_files, "ferry_version", lambda: "99.0")
+    assert len({out, touched, gguf_mod.convert_gguf(path, cache)}) == 3
+
+
+def test_cats_cache_follows_the_quantization_group(tiny_model_dir, cache):
+    folder = tiny_model_dir("llama3")
+    options = dict(**COMMON, sparsity=0.5, mode="sparse", sparse_method="cats", quant="int4")
+    ferry.load(folder, **options, quant_group=32)
+    ferry.load(folder, **options, quant_group=64)
+    assert len(list((cache / "cats").iterdir())) == 2
