@@ -27,10 +27,9 @@ import time
 
 import torch
 
-import ferry
+from decode_speed import PROMPT, load_pair  # the same model, prompt and loading, side by side
 from ferry.kernels.threads import fitted_threads, thread_settings
 
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 SPIN = "import time\nwhile True:\n    sum(range(1000))\n"
 
 
@@ -94,14 +93,7 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=1, help="competing busy processes")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     args = parser.parse_args()
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    engine = ferry.load(dtype=args.dtype, device="cpu", progress=False, reuse_prefix=False)
-    hf = AutoModelForCausalLM.from_pretrained(engine.runtime.folder, dtype=dtype).eval()
-    ids = torch.tensor([engine.encode(PROMPT)])
+    engine, hf, ids = load_pair(args.dtype)
     n = args.new_tokens
     time_ferry(engine, n), time_hf(hf, ids, n)  # warm-up: first-call costs out of the figures
     load_before = os.getloadavg()[0]

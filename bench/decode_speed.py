@@ -36,21 +36,25 @@ def time_hf(model, ids: torch.Tensor, n: int) -> tuple[float, list[int]]:
     return time.perf_counter() - t0, out[0, ids.shape[1]:].tolist()
 
 
+def load_pair(dtype_name: str):
+    """ferry and transformers on the default model, same dtype; and the prompt's ids."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    engine = ferry.load(dtype=dtype_name, device="cpu", progress=False, reuse_prefix=False)
+    hf = AutoModelForCausalLM.from_pretrained(engine.runtime.folder, dtype=dtype).eval()
+    return engine, hf, torch.tensor([engine.encode(PROMPT)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     args = parser.parse_args()
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    engine = ferry.load(dtype=args.dtype, device="cpu", progress=False, reuse_prefix=False)
-    hf = AutoModelForCausalLM.from_pretrained(engine.runtime.folder, dtype=dtype).eval()
-
-    ids = torch.tensor([engine.encode(PROMPT)])
+    engine, hf, ids = load_pair(args.dtype)
     n = args.new_tokens
     time_ferry(engine, n), time_hf(hf, ids, n)  # warm-up: first-call costs out of the figures
     ferry_total, ferry_decode, hf_total, hf_decode = [], [], [], []
