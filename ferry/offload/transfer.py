@@ -1,19 +1,17 @@
 """Everything about moving bytes host -> device: pinning, copy streams, events, the CPU fallback.
 
-No other module touches streams or events. A `Link` copies a host tensor into a device buffer
-asynchronously and returns a ticket the compute side waits on; it counts every byte and the
-time the link was busy, and how long compute stalled waiting, so overlap can be reported.
-`Link` below is the protocol the executor and its slot pool are written against; three
-implementations satisfy it:
+No other module touches streams or events (hence pinning and the profiler's clocks live here
+too). A `Link` (the protocol the executor is written against) copies a host tensor into a device
+buffer asynchronously and returns a ticket compute waits on; it counts bytes, busy time and
+compute's stalls, so overlap can be reported. Three implementations:
 
 - `CudaLink`: one copy stream; per-copy events order compute after copies and slot reuse after
   compute. Nothing calls a device-wide synchronize.
 - `InOrderLink`, `EmulatedLink` (`ferry.offload.cpu_links`): the CPU device's stand-ins, with
   no stream or event in them.
 
-For profiling, every link can also record each copy's (tag, bytes, start, end) once
-`start_trace` is called (nothing is recorded otherwise), and the clocks below time the compute
-side on the same timeline: perf_counter on the CPU, CUDA events on the compute stream on a GPU.
+For profiling, a link records each copy's (tag, bytes, start, end) after `start_trace`, and the
+clocks below time compute on the same timeline (perf_counter on CPU, CUDA events on a GPU).
 """
 
 from __future__ import annotations
@@ -287,17 +285,3 @@ class CudaClock:
 def make_clock(device: torch.device) -> HostClock | CudaClock:
     return CudaClock(device) if device.type == "cuda" else HostClock()
 
-
-def copy_gbps(device: torch.device, nbytes: int = 64 << 20, repeats: int = 3) -> float:
-    """Device memory bandwidth estimate: the best of a few buffer-to-buffer copies, bytes read
-    plus bytes written per second (a benchmark: it waits for its own copies)."""
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.zeros_like(src)  # both touched once so page faults stay out of the timing
-    clock = make_clock(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = clock.mark()
-        dst.copy_(src)
-        t1 = clock.mark()
-        best = min(best, clock.seconds(t1) - clock.seconds(t0))
-    return 2 * nbytes / best / 1e9 if best > 0 else float("inf")

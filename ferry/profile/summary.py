@@ -18,7 +18,7 @@ import torch
 from ferry.engine.config import DTYPES
 from ferry.engine.engine import Engine
 from ferry.offload.costmodel import GPUS, Gpu, predict_for_plan
-from ferry.offload.transfer import copy_gbps
+from ferry.offload.transfer import make_clock
 from ferry.profile.profiler import PHASES, Run
 
 
@@ -170,3 +170,18 @@ def predict_run(engine: Engine, run: Run, gpu: str | None = None) -> dict | None
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
+
+
+def copy_gbps(device: torch.device, nbytes: int = 64 << 20, repeats: int = 3) -> float:
+    """Device memory bandwidth estimate, for predictions when no card preset applies: the best of a few buffer-to-buffer copies, bytes read
+    plus bytes written per second (a benchmark: it waits for its own copies)."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.zeros_like(src)  # both touched once so page faults stay out of the timing
+    clock = make_clock(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = clock.mark()
+        dst.copy_(src)
+        t1 = clock.mark()
+        best = min(best, clock.seconds(t1) - clock.seconds(t0))
+    return 2 * nbytes / best / 1e9 if best > 0 else float("inf")
