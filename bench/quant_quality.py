@@ -15,9 +15,11 @@ For each of bf16 (no quantization), int8 and int4, over the prompts in bench/pro
 
 Prints a table, then one JSON line.
 
-    python bench/quant_quality.py [--new-tokens 32] [--limit N] [--stream-prompts 4] [--methods none int8 int4 int4:64]
+    python bench/quant_quality.py [--new-tokens 32] [--limit N] [--stream-prompts 4] [--methods none auto int4:64]
 
-A method "int4:64" uses groups of at most 64 values instead of 128.
+Methods: none (bf16: the GGUF's values, dequantized), auto (the GGUF's own 4-bit groups kept),
+int8 or int4 with an optional group size (int4:64) and ":plain" for plain min/max ranges instead
+of fitted ones.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import ferry
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import PROMPTS, agreement, continuation_nll  # noqa: E402
 
-METHODS = ("none", "int8", "int4")
+METHODS = ("none", "auto", "int8", "int8:plain", "int4:32", "int4:32:plain", "int4:64", "int4:128",
+           "int4:128:plain")
 TEXT = Path(ferry.__file__).parent / "sparse" / "calibration.txt"
 CHUNK = 256
 
@@ -61,8 +64,13 @@ def all_streamed_budget(engine) -> int:
 
 
 def quant_options(method: str) -> dict:
-    name, _, group = method.partition(":")
-    return dict(quant=name, quant_group=int(group) if group else 128)
+    """none, auto (the source's own bits), or int8/int4[:GROUP][:plain] (plain: no range fitting)."""
+    name, *rest = method.split(":")
+    if name in ("none", "auto"):
+        return dict(quant=name)
+    options = dict(quant=name, quant_fit="plain" not in rest)
+    groups = [int(r) for r in rest if r.isdigit()]
+    return {**options, "quant_group": groups[0]} if groups else options
 
 
 def streamed_bytes(method: str, budget: int, prompts: list[str], new_tokens: int, common: dict) -> tuple[float, int, int]:
@@ -92,18 +100,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     parser.add_argument("--stream-prompts", type=int, default=4, help="prompts for the streamed byte count")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="none, int8, int4, or int4:GROUP")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="none, auto, int8 or int4[:GROUP][:plain]")
     args = parser.parse_args()
     rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
     prompts = [r["prompt"] for r in rows][: args.limit or None]
     common = dict(dtype="bf16", device="cpu", ctx=512, progress=False, reuse_prefix=False)
     engines = {m: ferry.load(**common, **quant_options(m)) for m in ["none", *[m for m in args.methods if m != "none"]]}
+    # The default model's source is 4-bit GGUF (Q4_1): "none" is its values dequantized to bf16.
     bf16 = engines["none"]
     reference = [bf16.generate(p, max_new_tokens=args.new_tokens).token_ids for p in prompts]
     results = []
     print(f"SmolLM2-135M-Instruct, {len(prompts)} prompts, {args.new_tokens} new tokens, greedy, bf16 compute, "
           f"CPU ({torch.get_num_threads()} threads); groups of {[e.plan.quant_group for e in engines.values()]} values")
-    print(f"{'weights':9}{'plan B/tok':>12}{'measured':>12}{'vs bf16':>9}{'text NLL':>10}{'change':>9}"
+    print(f"{'weights':15}{'plan B/tok':>12}{'measured':>12}{'vs bf16':>9}{'text NLL':>10}{'change':>9}"
           f"{'NLL':>8}{'change':>9}{'NLL(bf16 text)':>16}{'change':>9}{'agree':>7}{'tok/s':>7}")
     for method, engine in engines.items():
         t0 = time.perf_counter()
@@ -118,7 +127,7 @@ def main() -> None:
         row["text_nll_change"] = row["text_nll"] / base["text_nll"] - 1
         row["minutes"] = (time.perf_counter() - t0) / 60
         results.append(row)
-        print(f"{method:9}{planned / 1e6:10.1f}MB{measured / 1e6:10.1f}MB{row['bytes_vs_bf16']:9.3f}"
+        print(f"{method:15}{planned / 1e6:10.1f}MB{measured / 1e6:10.1f}MB{row['bytes_vs_bf16']:9.3f}"
               f"{row['text_nll']:10.3f}{row['text_nll_change']:+9.1%}{row['nll']:8.3f}{row['nll_change']:+9.1%}{row['nll_of_bf16_text']:16.3f}"
               f"{row['nll_of_bf16_text_change']:+9.1%}{row['agreement']:7.3f}{row['decode_tokens_per_s']:7.1f}",
               flush=True)

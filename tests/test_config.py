@@ -11,7 +11,7 @@ from ferry.errors import SettingError
 NON_DEFAULTS = {
     "model": "some/folder", "dtype": "fp32", "device": "cpu", "ctx": 77, "progress": False, "reuse_prefix": False,
     "gpu_memory": 1 << 30, "host_memory": 2 << 30, "prefetch_depth": 3, "emulate_link_gbps": 4.0,
-    "schedule": "serial", "resident_sparse": False, "quant": "int4", "quant_group": 64,
+    "schedule": "serial", "resident_sparse": False, "quant": "int4", "quant_group": 64, "quant_fit": False,
     "sparsity": 0.4, "sparse_method": "cats", "mode": "sparse", "threshold": 0.3, "accept": "strict",
     "draft_confidence": None, "speculate": False, "temperature": 0.7, "top_p": 0.9, "seed": 5,
 }
@@ -66,6 +66,7 @@ def test_sizes_are_read():
     ({"gpu_memory": "lots"}, "gpu_memory", "memory size"),
     ({"draft_confidence": 0.5}, "draft_confidence", "needs period auto"),
     ({"quant_group": 64}, "quant_group", "needs quant"),
+    ({"quant": "auto", "quant_fit": False}, "quant_fit", "needs quant int8 or int4"),
     ({"quant": "int3"}, "quant", "must be one of"),
     ({"dtype": "fp8"}, "dtype", "must be one of"),
     ({"ctx": 0}, "ctx", "at least 1"),

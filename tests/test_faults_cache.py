@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ from ferry.errors import FerryError
 from ferry.model.quant import QuantConfig, QuantLayout
 from ferry.offload import cache_files, gguf as gguf_mod, quant_store
 from ferry.offload.checkpoint import load_hf_config, open_checkpoint
+from helpers import llama_cpp_rope_freqs, write_gguf
 from ferry.sparse.calibrate import calibration_file
 
 PROMPT = "The capital of France"
@@ -74,8 +74,8 @@ def test_quant_cache_of_another_version_is_not_used(tiny_model_dir, cache, monke
     [path] = quant_files(cache)
     monkeypatch.setattr(cache_files, "ferry_version", lambda: "99.0")
     calls = []
-    real = quant_store.quantize_layer
-    monkeypatch.setattr(quant_store, "quantize_layer", lambda *a: (calls.append(1), real(*a)))
+    real = quant_store.pack_quant_layer
+    monkeypatch.setattr(quant_store, "pack_quant_layer", lambda *a: (calls.append(1), real(*a))[1])
     ferry.load(folder, **COMMON, quant="int8")
     assert len(calls) == 4 and len(quant_files(cache)) == 2 and path in quant_files(cache)
 
@@ -114,7 +114,7 @@ def test_full_disk_while_writing_the_quant_cache_warns_and_runs(tiny_model_dir, 
 
 def test_keyboard_interrupt_while_quantizing_leaves_no_partial_file(tiny_model_dir, cache, monkeypatch):
     calls = []
-    real = quant_store.quantize_layer
+    real = quant_store.pack_quant_layer
 
     def interrupted(*args):
         calls.append(1)
@@ -122,7 +122,7 @@ def test_keyboard_interrupt_while_quantizing_leaves_no_partial_file(tiny_model_d
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(quant_store, "quantize_layer", interrupted)
+    monkeypatch.setattr(quant_store, "pack_quant_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ferry.load(tiny_model_dir("llama3"), **COMMON, quant="int4")
     assert quant_files(cache) == []
@@ -179,7 +179,7 @@ def test_cache_keys_follow_group_size_mtime_and_version(tiny_model_dir, tmp_path
 
     def keys():
         checkpoint = open_checkpoint(folder)
-        quant = [quant_store.cache_file(checkpoint, QuantLayout.for_config(cfg, QuantConfig("int4", group_size=g)))
+        quant = [quant_store.cache_file(checkpoint, QuantLayout.for_config(cfg, QuantConfig("int4", group_size=g)), True)
                  for g in (32, 64)]
         return quant[0], quant[1], calibration_file(folder, torch.float32, "int4")
 
@@ -226,81 +226,6 @@ def test_stale_cats_cache_is_recomputed(tiny_model_dir, cache):
 
 
 # --- GGUF conversion --------------------------------------------------------------------------
-def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """The row order llama.cpp's converter writes for q/k (each head's rotary halves interleaved)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def llama_cpp_rope_freqs(cfg: dict) -> np.ndarray:
-    """rope_freqs as llama.cpp's convert_hf_to_gguf.py writes it for llama3 rope scaling."""
-    p = cfg["rope_parameters"]
-    dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    factors = []
-    for i in range(0, dim, 2):
-        wavelen = 2 * math.pi * p["rope_theta"] ** (i / dim)
-        old = p["original_max_position_embeddings"]
-        if wavelen < old / p["high_freq_factor"]:
-            factors.append(1.0)
-        elif wavelen > old / p["low_freq_factor"]:
-            factors.append(p["factor"])
-        else:
-            smooth = (old / wavelen - p["low_freq_factor"]) / (p["high_freq_factor"] - p["low_freq_factor"])
-            factors.append(1 / ((1 - smooth) / p["factor"] + smooth))
-    return np.array(factors, dtype=np.float32)
-
-
-_GGUF_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down"}
-_GGUF_TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-
-
-def write_gguf(folder: Path, out: Path, extra: dict[str, np.ndarray] | None = None) -> Path:
-    """A tiny llama GGUF (f32 tensors, gpt2 tokenizer) of the checkpoint in `folder`."""
-    import gguf
-    from safetensors.torch import load_file
-
-    cfg = json.loads((folder / "config.json").read_text())
-    tok = json.loads((folder / "tokenizer.json").read_text())
-    w = gguf.GGUFWriter(out, "llama")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    w.add_vocab_size(cfg["vocab_size"])
-    vocab = [t for t, _ in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])]
-    tokens = vocab + [f"<unused{i}>" for i in range(cfg["vocab_size"] - len(vocab))]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * len(tokens))
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
-    w.add_bos_token_id(1), w.add_eos_token_id(2), w.add_pad_token_id(0)
-    heads = {"self_attn.q_proj": cfg["num_attention_heads"], "self_attn.k_proj": cfg["num_key_value_heads"]}
-    for name, t in load_file(folder / "model.safetensors").items():
-        a, parts = t.float().numpy(), name.split(".")
-        if parts[1] == "layers":
-            module = ".".join(parts[3:-1])
-            if module in heads:
-                a = llama_cpp_permute(a, heads[module])
-            name = f"blk.{parts[2]}.{_GGUF_LAYER[module]}.{parts[-1]}"
-        else:
-            name = f"{_GGUF_TOP[name.rsplit('.', 1)[0]]}.{parts[-1]}"
-        w.add_tensor(name, np.ascontiguousarray(a))
-    for name, a in (extra or {}).items():
-        w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
-
-
 @pytest.fixture
 def llama31_gguf(tiny_model_dir, tmp_path) -> tuple[Path, Path]:
     """(a Llama-3.1-style GGUF carrying rope_freqs, the checkpoint it was made from)."""

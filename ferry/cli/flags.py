@@ -127,10 +127,14 @@ FLAGS: dict[str, Flag] = {
                         type=size, metavar="SIZE"),
     "prefetch_depth": Flag(("--prefetch-depth",), "streaming slots: layers in flight ahead of compute "
                            "(default {default})", type=int_at_least(1), metavar="N"),
-    "quant": Flag(("--quant",), "store the layers' weights as group-wise int8/int4 with fp16 scales "
-                  "(quantized once at load, cached on disk; default {default})", choices=("none", "int8", "int4")),
+    "quant": Flag(("--quant",), "the layers' weights: auto keeps a quantized checkpoint's bits (GGUF Q4_0/"
+                  "Q4_1/Q4_K/Q8_0, AWQ, GPTQ) and leaves float weights as they are; int4 (groups with an "
+                  "fp16 scale and min) or int8 (fp16 scale) quantizes once at load, cached on disk; "
+                  "none dequantizes (default {default})", choices=("auto", "none", "int8", "int4")),
     "quant_group": Flag(("--quant-group",), "largest group of values sharing one scale, a multiple of 8 "
-                        ">= 32 (default {default}; needs --quant)", type=int, metavar="G"),
+                        ">= 32 (default {default}; needs --quant int8 or int4)", type=int, metavar="G"),
+    "quant_fit": Flag(("--quant-fit",), "search each group's range for the least weight error instead of "
+                      "taking its min and max (default {default}; needs --quant int8 or int4)", action=ON_OFF),
     "reuse_prefix": Flag(("--reuse-prefix",), "a prompt that begins with the previous sequence (a chat's "
                          "next turn, a prompt file's shared preamble) prefills only the rest (default {default})",
                          action=ON_OFF),

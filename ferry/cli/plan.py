@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from ferry.cli.flags import add_flags, config_options
@@ -19,7 +19,7 @@ from ferry.engine import FerryConfig
 from ferry.errors import FerryError
 
 PLAN_FLAGS = ("model", "dtype", "device", "ctx", "gpu_memory", "host_memory", "prefetch_depth", "quant",
-              "quant_group", "schedule", "resident_sparse", "sparsity", "sparse_method", "mode", "period",
+              "quant_group", "quant_fit", "schedule", "resident_sparse", "sparsity", "sparse_method", "mode", "period",
               "max_period", "speculate", "gpu", "gpu_mem_gbps", "pcie_gbps", "aal", "show_schedule", "json",
               "link_gbps")
 EMBEDDED = "SmolLM2-135M-Instruct (embedded)"
@@ -38,14 +38,16 @@ def run(args: argparse.Namespace) -> None:
     from ferry.model.config import ModelConfig
     from ferry.offload import costmodel
     from ferry.offload.planner import default_budgets, describe
-    from ferry.offload.sources import resolve_config
+    from ferry.offload.sources import declared_quant, resolve_config
 
     gpu = costmodel.resolve_gpu(args.gpu or "rtx4090", memory_bytes=args.gpu_memory,
                                 memory_gbps=args.gpu_mem_gbps, link_gbps=args.pcie_gbps)
     device, budget = plan_device(args, gpu)
     # The device is the plan's, not the configuration's (which would insist on a CUDA device here).
     config = FerryConfig.from_options(**{**config_options(args), "device": None, "gpu_memory": budget})
-    model = ModelConfig.from_hf(resolve_config(config.runtime.model))
+    hf_config = resolve_config(config.runtime.model)
+    model = ModelConfig.from_hf(hf_config)
+    config = replace(config, quant=config.quant.for_source(declared_quant(config.runtime.model, hf_config)))
     budget, host = default_budgets(device, config.offload)
     dtype_bytes = 4 if config.runtime.dtype == "fp32" else 2
     plan = plan_for(config, model, device, dtype_bytes, budget, host)

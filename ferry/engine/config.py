@@ -96,8 +96,9 @@ class FerryConfig:
                 section, attr = OPTIONS[name]
                 sections[section][attr] = _convert(name, value)
         sections["correction"].update(_period(given))
-        if "quant_group" in given and given.get("quant", "none") == "none":
-            raise SettingError("quant_group", "needs quant int8 or int4")
+        for name in ("quant_group", "quant_fit"):
+            if name in given and given.get("quant", "auto") in ("none", "auto"):
+                raise SettingError(name, "needs quant int8 or int4")
         return cls(**{name: SECTIONS[name](**kw) for name, kw in sections.items()})
 
 
@@ -113,6 +114,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "prefetch_depth": ("offload", "prefetch_depth"), "emulate_link_gbps": ("offload", "emulate_link_gbps"),
     "schedule": ("offload", "schedule"), "resident_sparse": ("offload", "resident_sparse"),
     "quant": ("quant", "method"), "quant_group": ("quant", "group_size"),
+    "quant_fit": ("quant", "fit"),
     "sparsity": ("sparsity", "sparsity"), "sparse_method": ("sparsity", "method"),
     "mode": ("correction", "mode"), "threshold": ("correction", "threshold"),
     "accept": ("correction", "accept"), "draft_confidence": ("correction", "draft_confidence"),

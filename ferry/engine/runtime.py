@@ -27,7 +27,7 @@ from ferry.model.kv_cache import KVCache
 from ferry.model.rope import Rope, rope_for
 from ferry.model.weights import Kind, ModelWeights
 from ferry.offload.accounting import d_sparse, sparse_cost_ratio
-from ferry.offload.checkpoint import Checkpoint, open_checkpoint
+from ferry.offload.checkpoint import Checkpoint, open_checkpoint, source_quant
 from ferry.offload.executor import LayerExecutor, PassView
 from ferry.offload.loader import LoadReport, load_model
 from ferry.offload.planner import Plan, default_budgets, make_plan
@@ -85,9 +85,11 @@ class Runtime:
 
 
 def build_runtime(config: FerryConfig, tokenizer: Any = None) -> Runtime:
-    """Load the model `config` describes. tokenizer: one already loaded for this model."""
+    """Load the model `config` describes. tokenizer: one already loaded for this model.
+    The runtime's config is `config` with quant='auto' resolved against the checkpoint."""
     folder = resolve_model(config.runtime.model)
     checkpoint = open_checkpoint(folder)
+    config = replace(config, quant=config.quant.for_source(source_quant(checkpoint)))
     device = torch.device(pick_device(config.runtime.device))
     dtype = pick_dtype(config.runtime.dtype, checkpoint.hf_config, device)
     tokenizer = tokenizer or load_tokenizer(folder)

@@ -1,22 +1,25 @@
 """Quantized layers as data: one flat uint8 buffer per layer, its neurons still a byte prefix.
 
 The host store, streaming slots, resident layers and resident prefixes of a quantized model
-hold bytes laid out by `QuantLayout`; before a layer computes, the device dequantizes what the
-pass uses into one compute-dtype buffer laid out exactly like an unquantized layer
-(`LayerLayout`), so the model math and `LayerLayout.views` are unchanged.
+hold bytes laid out by `QuantLayout`. The row format (int4: codes, fp16 scales and fp16 mins per
+group; int8: codes and fp16 scales) is defined in `ferry.kernels.quant`.
 
 Byte layout of a layer (every section starts on a 16-byte boundary):
 
 - attention, in `LayerLayout.shapes` order: vectors (norms, q/k/v bias) as fp32 values;
-  matrices (qkv [q + 2 kv, H], o [H, q]) as all rows' codes [R, C * bits / 8] then all rows'
-  fp16 scales [R, C / group] (see `ferry.kernels.quant` for the row format);
+  matrices (qkv [q + 2 kv, H], o [H, q]) as all rows' codes [R, C * bits / 8], then all rows'
+  fp16 scales [R, C / group], then (int4) all rows' fp16 mins [R, C / group];
 - the MLP: one fixed-size record per neuron, in neuron order: the codes of its gate row, up row
-  and down column [3, H * bits / 8], then their scales [3, H / group].
+  and down column [3, H * bits / 8], then their scales [3, H / group], then (int4) their mins.
 
 Neurons 0..k-1 are therefore a byte prefix of the layer: a sparse step's fetch is one
 contiguous copy, resident prefixes work as before, and Griffin's reorder is a row gather of
 whole records. The layout exposes the interface the executor and the planner use for
 unquantized layers (`numel`, `prefix_numel`, `mlp_offset`, `row_numel`), counted in bytes.
+
+A neuron's down column runs across down_proj's rows, so a source whose groups run along
+down_proj's input dimension (GGUF, AWQ, GPTQ) cannot keep its down bits in a record: down is
+dequantized and quantized again per neuron (see docs/quantization.md for the measured cost).
 """
 
 from __future__ import annotations
@@ -27,22 +30,28 @@ from functools import partial
 import torch
 
 from ferry.errors import SettingError
-from ferry.kernels.quant import dequantize, quantize_rows
+from ferry.kernels.quant import Grouped, dequantize
+from ferry.kernels.quant_fit import fit_groups
 from ferry.model.config import ModelConfig
 from ferry.model.weights import LayerLayout
 
-QUANTS = ("none", "int8", "int4")
+QUANTS = ("auto", "none", "int8", "int4")
 BITS = {"int8": 8, "int4": 4}
 MIN_GROUP, GROUP_STEP = 32, 8  # groups are multiples of 8 values so every section stays aligned
+DEFAULT_GROUP = 32
 ALIGN = 16
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Weight-only quantization of the decoder layers' linear weights (the host copy)."""
+    """Weight-only quantization of the decoder layers' linear weights (the host copy).
 
-    method: str = "none"  # none, int8 or int4
-    group_size: int = 128  # the largest group; a row's group is the largest that divides it
+    auto: a quantized checkpoint keeps its bits (see `for_source`), an unquantized one stays
+    unquantized. int8/int4: ferry quantizes (or keeps a source that already matches)."""
+
+    method: str = "auto"
+    group_size: int = DEFAULT_GROUP  # the largest group; a row's group is the largest that divides it
+    fit: bool = True  # search each group's range for the least weight error (else plain min/max)
 
     def __post_init__(self) -> None:
         if self.method not in QUANTS:
@@ -54,17 +63,29 @@ class QuantConfig:
 
     @property
     def enabled(self) -> bool:
+        if self.method == "auto":
+            raise ValueError("resolve quant='auto' with for_source before use")
         return self.method != "none"
 
     @property
     def bits(self) -> int:
         return BITS[self.method]
 
+    def for_source(self, source: tuple[int, int] | None) -> "QuantConfig":
+        """auto resolved against what the checkpoint stores: (bits, group) of its grouped layer
+        weights, or None for float weights."""
+        if self.method != "auto":
+            return self
+        if source is None:
+            return QuantConfig("none", self.group_size, self.fit)
+        bits, group = source
+        return QuantConfig(f"int{bits}", group, self.fit)
+
 
 def group_for(cfg: ModelConfig, quant: QuantConfig) -> int:
     """The group size for this model: the largest multiple of 8, at most quant.group_size and at
     least 32, dividing every stored row (qkv, gate, up rows and down columns have H values, o rows
-    have q). SmolLM2's hidden size 576 = 4.5 x 128 gets groups of 96."""
+    have q)."""
     rows = {cfg.hidden_size, cfg.q_size}
     for g in range(quant.group_size, MIN_GROUP - 1, -GROUP_STEP):
         if all(n % g == 0 for n in rows):
@@ -100,7 +121,7 @@ class QuantLayout:
         base, bits, group = LayerLayout.for_config(cfg), quant.bits, group_for(cfg, quant)
         sections, offset = [], 0
         for name, shape in base.shapes:
-            size = 4 * shape[0] if len(shape) == 1 else shape[0] * _row_bytes(shape[1], bits, group)
+            size = 4 * shape[0] if len(shape) == 1 else shape[0] * row_bytes(shape[1], bits, group)
             sections.append(Section(name, shape, offset, size))
             offset = _aligned(offset + size)
         return cls(base, bits, group, tuple(sections), offset)
@@ -115,8 +136,8 @@ class QuantLayout:
 
     @property
     def row_numel(self) -> int:
-        """Bytes of one neuron record (gate, up, down column with their scales)."""
-        return 3 * _row_bytes(self.hidden_size, self.bits, self.group)
+        """Bytes of one neuron record (gate, up, down column with their scales and mins)."""
+        return 3 * row_bytes(self.hidden_size, self.bits, self.group)
 
     def prefix_numel(self, rows: int) -> int:
         """Bytes of the attention part plus the first `rows` neuron records."""
@@ -126,33 +147,69 @@ class QuantLayout:
     def numel(self) -> int:
         return self.prefix_numel(self.intermediate_size)
 
-    def matrix(self, flat: torch.Tensor, sec: Section) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes [R, Cb], scales fp16 [R, G]) of a quantized matrix section."""
+    def section(self, name: str) -> Section:
+        return next(sec for sec in self.sections if sec.name == name)
+
+    def matrix(self, flat: torch.Tensor, sec: Section) -> tuple:
+        """(codes [R, Cb], scales fp16 [R, G], mins fp16 [R, G] or None) of a matrix section."""
         r, c = sec.shape
-        cb = c * self.bits // 8
-        raw = flat[sec.offset:sec.offset + sec.size]
-        return raw[:r * cb].view(r, cb), raw[r * cb:].view(torch.float16).view(r, c // self.group)
+        codes, scales, mins = self._cut(flat[sec.offset:sec.offset + sec.size].view(1, -1), r, c)
+        return codes[0], scales[0], None if mins is None else mins[0]
 
-    def records(self, raw: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes [n, 3, Hb], scales fp16 [n, 3, H / group]) of n records starting at raw[0]."""
-        h = self.hidden_size
-        hb = h * self.bits // 8
-        rec = raw[:n * self.row_numel].view(n, self.row_numel)
-        return rec[:, :3 * hb].view(n, 3, hb), rec[:, 3 * hb:].view(torch.float16).view(n, 3, h // self.group)
+    def records(self, raw: torch.Tensor, n: int) -> tuple:
+        """(codes [n, 3, Hb], scales [n, 3, G], mins [n, 3, G] or None) of n records at raw[0]."""
+        return self._cut(raw[:n * self.row_numel].view(n, self.row_numel), 3, self.hidden_size)
 
-    def mlp_records(self, flat: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cut(self, raw: torch.Tensor, rows: int, c: int) -> tuple:
+        """Codes, scales and mins of each of raw's records [N, bytes], each `rows` rows of c values."""
+        n, cb, g = raw.shape[0], rows * c * self.bits // 8, rows * c // self.group
+        codes = raw[:, :cb].view(n, rows, -1)
+        scales = raw[:, cb:cb + 2 * g].view(torch.float16).view(n, rows, -1)
+        mins = raw[:, cb + 2 * g:cb + 4 * g].view(torch.float16).view(n, rows, -1) if self.bits == 4 else None
+        return codes, scales, mins
+
+    def mlp_records(self, flat: torch.Tensor, lo: int, hi: int) -> tuple:
         """Records lo..hi-1 of a buffer laid out like a whole layer."""
         return self.records(flat[self.mlp_offset + lo * self.row_numel:], hi - lo)
 
 
-def _row_bytes(c: int, bits: int, group: int) -> int:
-    return c * bits // 8 + 2 * (c // group)
+def row_bytes(c: int, bits: int, group: int) -> int:
+    """Bytes of one stored row of c values: codes, fp16 scales and (int4) fp16 mins."""
+    return c * bits // 8 + (2 if bits == 8 else 4) * (c // group)
+
+
+def _write(parts: tuple, grouped: Grouped) -> None:
+    for dst, src in zip(parts, grouped.packed()):
+        if dst is not None:
+            dst.copy_(src.view(dst.shape) if src.dim() == dst.dim() - 1 else src)
+
+
+def write_matrix(q: QuantLayout, out: torch.Tensor, name: str, grouped: Grouped, rows: slice = slice(None)) -> None:
+    """Rows `rows` of the matrix section `name` of `out` from quantized groups."""
+    check_grouped(q, grouped, name)
+    codes, scales, mins = q.matrix(out, q.section(name))
+    _write((codes[rows], scales[rows], None if mins is None else mins[rows]), grouped)
+
+
+def write_records(q: QuantLayout, out: torch.Tensor, lo: int, parts: tuple[Grouped, Grouped, Grouped]) -> None:
+    """Neurons lo.. of `out` from the gate rows, up rows and down columns of those neurons."""
+    n = parts[0].shape[0]
+    codes, scales, mins = q.mlp_records(out, lo, lo + n)
+    for i, grouped in enumerate(parts):
+        check_grouped(q, grouped, ("gate", "up", "down")[i])
+        _write((codes[:, i], scales[:, i], None if mins is None else mins[:, i]), grouped)
+
+
+def check_grouped(q: QuantLayout, grouped: Grouped, what: str) -> None:
+    if grouped.bits != q.bits or grouped.group != q.group:
+        raise ValueError(f"{what}: int{grouped.bits} groups of {grouped.group} do not fit a layer of "
+                         f"int{q.bits} groups of {q.group}")
 
 
 QUANT_CHUNK_ROWS = 1024  # rows quantized at a time (bounds the fp32 temporaries)
 
 
-def quantize_layer(q: QuantLayout, full: torch.Tensor, out: torch.Tensor) -> None:
+def quantize_layer(q: QuantLayout, full: torch.Tensor, out: torch.Tensor, fit: bool = True) -> None:
     """Quantize a layer packed in the unquantized layout (`full`, any float dtype) into `out` (uint8)."""
     views = q.base.attention_views(full)
     for sec in q.sections:
@@ -160,18 +217,13 @@ def quantize_layer(q: QuantLayout, full: torch.Tensor, out: torch.Tensor) -> Non
         if len(sec.shape) == 1:
             out[sec.offset:sec.offset + sec.size].view(torch.float32).copy_(src)
             continue
-        codes, scales = q.matrix(out, sec)
         for lo in range(0, sec.shape[0], QUANT_CHUNK_ROWS):
-            c, s = quantize_rows(src[lo:lo + QUANT_CHUNK_ROWS], q.bits, q.group)
-            codes[lo:lo + len(c)].copy_(c)
-            scales[lo:lo + len(s)].copy_(s)
-    n, h = q.intermediate_size, q.hidden_size
+            rows = slice(lo, min(lo + QUANT_CHUNK_ROWS, sec.shape[0]))
+            write_matrix(q, out, sec.name, fit_groups(src[rows], q.bits, q.group, fit), rows)
+    n = q.intermediate_size
     for lo in range(0, n, QUANT_CHUNK_ROWS):
-        hi = min(n, lo + QUANT_CHUNK_ROWS)
-        c, s = quantize_rows(q.base.bundle(full, lo, hi).reshape(-1, h), q.bits, q.group)
-        codes, scales = q.mlp_records(out, lo, hi)
-        codes.copy_(c.view(hi - lo, 3, -1))
-        scales.copy_(s.view(hi - lo, 3, -1))
+        bundle = q.base.bundle(full, lo, min(n, lo + QUANT_CHUNK_ROWS))
+        write_records(q, out, lo, tuple(fit_groups(bundle[:, i], q.bits, q.group, fit) for i in range(3)))
 
 
 def dequantize_jobs(q: QuantLayout, src: torch.Tensor, out: torch.Tensor, rows: int, backend: str) -> list:
@@ -206,4 +258,3 @@ def dequantize_layer(q: QuantLayout, src: torch.Tensor, out: torch.Tensor, rows:
 def quantized_fraction(q: QuantLayout, dtype_bytes: int) -> float:
     """Bytes of a quantized layer relative to the same layer in a dtype of `dtype_bytes`."""
     return q.numel / (q.base.numel * dtype_bytes)
-

@@ -51,9 +51,25 @@ def _load_layers(checkpoint, layout, reader, streamed, dtype, device, pin, progr
     return resident, host, peak
 
 
+DEQUANT_ROWS = 4096  # rows of a grouped matrix dequantized at a time
+
+
+def read_matrix(reader: TensorReader, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A checkpoint matrix in `dtype`. One stored in groups is dequantized a block of rows at a
+    time, so no fp32 copy of a whole embedding table is ever made."""
+    grouped = reader.grouped(name, shape)
+    if grouped is None:
+        return reader.get(name, shape).to(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    for lo in range(0, shape[0], DEQUANT_ROWS):
+        rows = slice(lo, lo + DEQUANT_ROWS)
+        out[rows] = grouped.rows(rows).dequantize(dtype)
+    return out
+
+
 def load_model(
     checkpoint: Checkpoint, plan: Plan, dtype: torch.dtype, device: torch.device, link: Link,
-    pipelined: bool = True, progress: bool = True, quant: QuantConfig = QuantConfig(),
+    pipelined: bool = True, progress: bool = True, quant: QuantConfig = QuantConfig("none"),
 ) -> tuple[ModelWeights, LoadReport]:
     """quant: the decoder layers' weights are quantized (once, cached on disk) and stay quantized
     in host and device memory; embeddings, lm_head and the final norm keep the compute dtype."""
@@ -65,14 +81,15 @@ def load_model(
     streamed = set(plan.streamed_layers)
     qlayout = QuantLayout.for_config(cfg, quant) if quant.enabled else None
     if qlayout is not None:
-        resident, host, peak = load_quantized_layers(checkpoint, qlayout, streamed, device, pin, progress)
+        resident, host, peak = load_quantized_layers(checkpoint, qlayout, streamed, device, pin, progress,
+                                                     quant.fit)
     else:
         resident, host, peak = _load_layers(checkpoint, layout, reader, streamed, dtype, device, pin, progress)
     embed_device = device if plan.embed_on_device else torch.device("cpu")
     table = (cfg.vocab_size, cfg.hidden_size)  # an embedding short of vocab_size rows is refused here
-    embed = reader.get("model.embed_tokens.weight", table).to(device=embed_device, dtype=dtype)
+    embed = read_matrix(reader, "model.embed_tokens.weight", table, dtype).to(embed_device)
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in reader
-    lm_head = embed.to(device) if tied else reader.get("lm_head.weight", table).to(device=device, dtype=dtype)
+    lm_head = embed.to(device) if tied else read_matrix(reader, "lm_head.weight", table, dtype).to(device)
     norm = reader.get("model.norm.weight", (cfg.hidden_size,)).to(device=device, dtype=dtype)
     reader.close()
     peak = max(peak, psutil.Process().memory_info().rss)

@@ -12,7 +12,10 @@ from typing import Callable
 
 import torch
 
+from ferry.kernels.quant import Grouped
+from ferry.kernels.quant_fit import fit_groups
 from ferry.model.config import ModelConfig
+from ferry.model.quant import QuantLayout, write_matrix, write_records
 from ferry.model.weights import LayerLayout, LayerWeights
 
 # get(name, shape) -> the tensor, checked against shape (TensorReader.get)
@@ -52,3 +55,55 @@ def pack_layer(cfg: ModelConfig, layout: LayerLayout, get: Getter, prefix: str, 
     bundle[:, 0].copy_(read("mlp.gate_proj.weight"))
     bundle[:, 1].copy_(read("mlp.up_proj.weight"))
     bundle[:, 2].copy_(read("mlp.down_proj.weight").t())  # down columns become rows
+
+
+QUANT_CHUNK_ROWS = 2048  # neurons quantized at a time (bounds the fp32 temporaries)
+
+
+def pack_quant_layer(cfg: ModelConfig, q: QuantLayout, reader, prefix: str, out: torch.Tensor,
+                     fit: bool = True) -> set[str]:
+    """One checkpoint layer into its quantized buffer `out` (uint8, `q`'s layout).
+
+    Weights stored in groups that match the layout (`reader.grouped`) are copied as they are;
+    float weights, and grouped ones of another format, are quantized by `fit_groups`. down_proj
+    is always quantized again per neuron (its source groups run across neurons; see
+    `ferry.model.quant`). Returns the names of the other weights whose source groups were not kept."""
+    shapes = layer_shapes(cfg)
+    redone: set[str] = set()
+
+    def grouped(name: str, rows=slice(None)) -> Grouped:
+        full = prefix + name
+        g = reader.grouped(full) if hasattr(reader, "grouped") else None
+        if g is not None and g.bits == q.bits and g.group == q.group:
+            return g.rows(rows)
+        if g is not None:
+            redone.add(name)
+        return fit_groups(reader.get(full, shapes[name])[rows], q.bits, q.group, fit)
+
+    for sec in q.sections:
+        if len(sec.shape) == 1:
+            _write_vector(q, out, sec, reader, prefix, shapes)
+    q_rows, kv = cfg.q_size, cfg.kv_size
+    for rows, name in ((slice(0, q_rows), "q"), (slice(q_rows, q_rows + kv), "k"),
+                       (slice(q_rows + kv, q_rows + 2 * kv), "v")):
+        write_matrix(q, out, "qkv", grouped(f"self_attn.{name}_proj.weight"), rows)
+    write_matrix(q, out, "o", grouped("self_attn.o_proj.weight"))
+    down = reader.get(prefix + "mlp.down_proj.weight", shapes["mlp.down_proj.weight"])
+    n = cfg.intermediate_size
+    for lo in range(0, n, QUANT_CHUNK_ROWS):
+        rows = slice(lo, min(n, lo + QUANT_CHUNK_ROWS))
+        parts = (grouped("mlp.gate_proj.weight", rows), grouped("mlp.up_proj.weight", rows),
+                 fit_groups(down[:, rows].t(), q.bits, q.group, fit))
+        write_records(q, out, lo, parts)
+    return redone
+
+
+_VECTORS = {"attn_norm": ["input_layernorm.weight"], "mlp_norm": ["post_attention_layernorm.weight"],
+            "qkv_bias": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]}
+
+
+def _write_vector(q: QuantLayout, out: torch.Tensor, sec, reader, prefix: str, shapes: dict) -> None:
+    """A norm or the stacked q/k/v bias, stored as fp32 values."""
+    dst = out[sec.offset:sec.offset + sec.size].view(torch.float32)
+    parts = [reader.get(prefix + name, shapes[name]) for name in _VECTORS[sec.name]]
+    dst.copy_(torch.cat(parts) if len(parts) > 1 else parts[0])

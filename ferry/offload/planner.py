@@ -115,7 +115,7 @@ class Plan:
 def make_plan(
     cfg: ModelConfig, *, dtype_bytes: int, budget_bytes: int, host_available_bytes: int,
     ctx: int, prefetch_depth: int = 2, device: str = "cpu", sparsity: float = 0.0,
-    sparse_method: str = "griffin", prefix_resident: bool = True, quant: QuantConfig = QuantConfig(),
+    sparse_method: str = "griffin", prefix_resident: bool = True, quant: QuantConfig = QuantConfig("none"),
 ) -> Plan:
     """With Griffin sparsity a sparse step reads a prefix of each layer (attention + the selected
     neurons); CATS reads whole layers (every gate row is needed). prefix_resident: with Griffin,
@@ -199,8 +199,9 @@ def describe(plan: Plan, cfg: ModelConfig, name: str) -> str:
         f"device       {plan.device}, budget {fmt_bytes(plan.budget_bytes)}, "
         f"{plan.dtype_bytes} bytes/parameter, context {plan.ctx} tokens",
         f"one layer    {fmt_bytes(plan.layer_bytes)}"
-        + (f" ({plan.quant}, one fp16 scale per {plan.quant_group} values; the workspace holds one "
-           "dequantized layer)" if plan.quant != "none" else ""),
+        + (f" ({plan.quant}, groups of {plan.quant_group} values with an fp16 scale"
+           f"{' and min' if plan.quant == 'int4' else ''}; the workspace holds one dequantized layer)"
+           if plan.quant != "none" else ""),
         "resident:",
         f"  KV cache   {fmt_bytes(plan.kv_cache_bytes)}",
         f"  workspace  {fmt_bytes(plan.workspace_bytes)}",

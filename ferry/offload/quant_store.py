@@ -1,14 +1,15 @@
 """The quantized host store: quantize once at load, cache the packed layers on disk, reuse them.
 
-The first load packs each checkpoint layer into a scratch buffer (fp32, one layer), quantizes it
-into its final uint8 buffer and appends those bytes to a cache file written under an exclusive
-temporary name (see `cache_files`), renamed when complete. Later loads read each layer's bytes
+The first load packs each checkpoint layer straight into its final uint8 buffer (weights the
+checkpoint already stores in matching groups are copied, the rest quantized matrix by matrix)
+and appends those bytes to a cache file written under an exclusive temporary name (see
+`cache_files`), renamed when complete. Later loads read each layer's bytes
 straight into its buffer. Either way one layer is handled at a time, so peak memory stays near the
 size of the (quantized) store.
 
 The cache file lives in ferry's cache folder (`$FERRY_CACHE_DIR`, else ~/.cache/ferry) under
 `quant/`. Its name is keyed by its header: ferry's version, the model's identity (folder, config,
-weight files' names, sizes and modification times), the bits and the group size. The header is
+weight files' names, sizes and modification times), the bits, the group size and fitting. The header is
 also stored in the file, after the layers, with a CRC32 of each layer: a file whose header differs
 or whose bytes do not match their checksums is warned about and rebuilt, never used. A cache that
 cannot be written (full disk, read-only folder) costs a warning, not the run.
@@ -26,15 +27,15 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from ferry.model.quant import QuantLayout, quantize_layer
+from ferry.model.quant import QuantLayout
 from ferry.offload import cache_files
 from ferry.offload.checkpoint import Checkpoint, TensorReader
-from ferry.offload.pack import pack_layer
+from ferry.offload.pack import pack_quant_layer
 from ferry.offload.sources import cache_dir
 from ferry.offload.transfer import host_empty
 
-FORMAT = 2  # bump when the byte layout changes
-MAGIC = b"FERRYQ02"
+FORMAT = 3  # bump when the byte layout changes
+MAGIC = b"FERRYQ03"
 _TAIL = struct.Struct("<Q8s")  # trailer length, magic: the file's last 16 bytes
 
 
@@ -42,17 +43,17 @@ class _Damaged(Exception):
     """A cached layer's bytes do not match its checksum."""
 
 
-def cache_header(checkpoint: Checkpoint, q: QuantLayout) -> dict:
+def cache_header(checkpoint: Checkpoint, q: QuantLayout, fit: bool) -> dict:
     folder = checkpoint.folder.resolve()
     config = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
     shards = cache_files.file_identity(set(checkpoint.shard_of.values()))
-    settings = {"bits": q.bits, "group": q.group, "layer_bytes": q.numel,
+    settings = {"bits": q.bits, "group": q.group, "fit": fit, "layer_bytes": q.numel,
                 "layers": checkpoint.config.num_layers}
     return cache_files.header(FORMAT, [str(folder), config, shards], settings)
 
 
-def cache_file(checkpoint: Checkpoint, q: QuantLayout) -> Path:
-    key = hashlib.sha256(json.dumps(cache_header(checkpoint, q), sort_keys=True).encode()).hexdigest()
+def cache_file(checkpoint: Checkpoint, q: QuantLayout, fit: bool) -> Path:
+    key = hashlib.sha256(json.dumps(cache_header(checkpoint, q, fit), sort_keys=True).encode()).hexdigest()
     name = checkpoint.folder.resolve().name
     return cache_dir() / "quant" / f"{name}-int{q.bits}-g{q.group}-{key[:16]}.bin"
 
@@ -63,19 +64,19 @@ def _checksum(buf: torch.Tensor) -> int:
 
 def load_quantized_layers(
     checkpoint: Checkpoint, q: QuantLayout, streamed: set[int], device: torch.device, pin: bool,
-    progress: bool = True,
+    progress: bool = True, fit: bool = True,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
     """(resident layers on the device, streamed layers in host memory, peak RSS), as uint8 buffers."""
-    path = cache_file(checkpoint, q)
+    path = cache_file(checkpoint, q, fit)
     cache_files.sweep_partials(path.parent)  # what killed runs left behind
-    head = cache_header(checkpoint, q)
+    head = cache_header(checkpoint, q, fit)
     sums = _cached_checksums(path, head)
     if sums is not None:
         try:
-            return _load(checkpoint, q, streamed, device, pin, progress, path, head, sums)
+            return _load(checkpoint, q, streamed, device, pin, progress, path, head, sums, fit)
         except _Damaged as err:
             cache_files.warn(f"the quantized cache {path} is damaged ({err}); rebuilding it")
-    return _load(checkpoint, q, streamed, device, pin, progress, path, head, None)
+    return _load(checkpoint, q, streamed, device, pin, progress, path, head, None, fit)
 
 
 def _cached_checksums(path: Path, head: dict) -> list[int] | None:
@@ -102,7 +103,7 @@ def _cached_checksums(path: Path, head: dict) -> list[int] | None:
         return None
 
 
-def _load(checkpoint, q, streamed, device, pin, progress, path, head, sums):
+def _load(checkpoint, q, streamed, device, pin, progress, path, head, sums, fit):
     n_layers = checkpoint.config.num_layers
     process = psutil.Process()
     peak = process.memory_info().rss
@@ -110,7 +111,7 @@ def _load(checkpoint, q, streamed, device, pin, progress, path, head, sums):
     host: dict[int, torch.Tensor] = {}
     staging = None if device.type == "cpu" else torch.empty(q.numel, dtype=torch.uint8)
     writer = None if sums is not None else _Writer.open(path, head)
-    make = _LayerReader(path, sums) if sums is not None else _Quantizer(checkpoint, q)
+    make = _LayerReader(path, sums) if sums is not None else _Quantizer(checkpoint, q, fit)
     desc = f"loading int{q.bits} layers" if sums is not None else f"quantizing layers to int{q.bits} (once, cached)"
     try:
         for i in tqdm(range(n_layers), desc=desc, unit="layer", disable=not progress):
@@ -134,20 +135,23 @@ def _load(checkpoint, q, streamed, device, pin, progress, path, head, sums):
 
 
 class _Quantizer:
-    """Checkpoint layer i -> its quantized bytes, through one reused scratch layer."""
+    """Checkpoint layer i -> its quantized bytes (a source's matching groups are kept as stored)."""
 
-    def __init__(self, checkpoint: Checkpoint, q: QuantLayout):
-        self.checkpoint, self.q = checkpoint, q
+    def __init__(self, checkpoint: Checkpoint, q: QuantLayout, fit: bool):
+        self.checkpoint, self.q, self.fit = checkpoint, q, fit
         self.reader = TensorReader(checkpoint)
-        self.scratch = torch.empty(q.base.numel, dtype=torch.float32)
+        self.redone: set[str] = set()
 
     def __call__(self, i: int, out: torch.Tensor) -> None:
-        pack_layer(self.checkpoint.config, self.q.base, self.reader.get, f"model.layers.{i}.", self.scratch)
-        quantize_layer(self.q, self.scratch, out)
+        self.redone |= pack_quant_layer(self.checkpoint.config, self.q, self.reader, f"model.layers.{i}.",
+                                        out, self.fit)
         self.reader.close()  # drop the file mappings so their pages leave our resident set
 
     def close(self) -> None:
         self.reader.close()
+        if self.redone:
+            cache_files.warn(f"{', '.join(sorted(self.redone))}: the checkpoint's groups are not "
+                             f"int{self.q.bits} groups of {self.q.group}; quantized again from their values")
 
 
 class _LayerReader:

@@ -133,3 +133,29 @@ def _hub_config_folder(repo_id: str) -> Path:
         except (HfHubHTTPError, OSError) as err:
             raise FerryError(f"could not fetch the config of {repo_id!r}: {type(err).__name__}") from None
     raise FerryError(f"{repo_id!r} is not a local path and its config is not in the Hugging Face cache (offline)")
+
+
+# GGUF block types whose groups ferry keeps as they are, as (bits, group).
+KEPT_GGUF_TYPES = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q4_K": (4, 32), "Q8_0": (8, 32)}
+
+
+def declared_quant(spec: str | os.PathLike | None, hf_config) -> tuple[int, int] | None:
+    """(bits, group) a model's files declare for its layer weights, from metadata only (for
+    `ferry plan`, which reads no weights): a GGUF file's most common layer matrix type, or a
+    config's AWQ/GPTQ `quantization_config`. None for float weights or an unkept format."""
+    path = default_model_gguf() if spec is None else Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from collections import Counter
+
+        from gguf import GGUFReader
+
+        types = Counter(t.tensor_type.name for t in GGUFReader(path).tensors
+                        if t.name.startswith("blk.") and len(t.shape) == 2)
+        return KEPT_GGUF_TYPES.get(types.most_common(1)[0][0]) if types else None
+    qc = getattr(hf_config, "quantization_config", None) or {}
+    if not isinstance(qc, dict):
+        qc = qc.to_dict()
+    if qc.get("quant_method") in ("awq", "gptq") and qc.get("bits") == 4:
+        group = qc.get("group_size", 128)
+        return 4, group if group and group > 0 else hf_config.hidden_size
+    return None
