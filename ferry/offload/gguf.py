@@ -1,7 +1,10 @@
 """Convert a GGUF file once into a Hugging Face safetensors folder in the ferry cache.
 
 The runtime then treats it like any other checkpoint (lazy safetensors reads, one code path).
-Tensors are dequantized one at a time and written shard by shard, so memory stays near one shard.
+Q4_0, Q4_1, Q4_K and Q8_0 matrices keep their codes and scales in ferry's grouped form
+(`grouped_tensors`; see `gguf_blocks`), so the folder is about the GGUF file's size; other
+quantized types are dequantized to bf16 (one line on stderr says which), F32/F16 stay as they are.
+Tensors are converted one at a time and written shard by shard, so memory stays near one shard.
 The folder is built under an exclusive partial name and renamed into place when complete (see
 `cache_files`); its `ferry-cache.json` names the format, ferry's version and the GGUF file's
 identity, and a folder whose record does not match is rebuilt. Two processes converting the same
@@ -15,16 +18,19 @@ import atexit
 import hashlib
 import json
 import os
+import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ferry.errors import FerryError
-from ferry.offload import cache_files
+from ferry.kernels.quant import Grouped, pack_int4
+from ferry.offload import cache_files, gguf_blocks
 
-FORMAT = 2  # bump when the conversion's output changes
+FORMAT = 3  # bump when the conversion's output changes
 RECORD = "ferry-cache.json"
 SHARD_BYTES = 2 << 30
 _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}  # GGUF name -> transformers model_type
@@ -47,7 +53,8 @@ def convert_gguf(path: Path, cache_root: Path) -> Path:
     """The converted folder for `path`, converting on first use."""
     path = path.resolve()
     head = cache_files.header(FORMAT, [str(path), *cache_files.file_identity([path])],
-                              {"shard_bytes": SHARD_BYTES, "quantized_to": "bf16"})
+                              {"shard_bytes": SHARD_BYTES, "kept": list(gguf_blocks.KEPT),
+                               "others_to": "bf16"})
     key = hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()[:12]
     out = cache_root / "gguf" / f"{path.stem}-{key}"
     cache_files.sweep_partials(out.parent)  # what killed conversions left behind
@@ -249,14 +256,47 @@ def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_tensors(reader, arch: str, out: Path, path: Path) -> None:
+def _rope_rows(arch: str, name: str, heads: int, kv_heads: int, rows: int) -> np.ndarray | None:
+    """The row order that undoes llama.cpp's q/k permutation (None: rows stay as stored)."""
+    if arch != "llama" or not name.endswith(("q_proj.weight", "k_proj.weight")):
+        return None
+    return unpermute_rope_rows(np.arange(rows), heads if "q_proj" in name else kv_heads)
+
+
+def grouped_tensors(name: str, g: Grouped) -> dict[str, torch.Tensor]:
+    """`X.weight` as ferry's grouped form: X.q4 (packed nibbles), X.scales, X.mins; or X.q8, X.scales."""
+    base = name.removesuffix(".weight")
+    if g.bits == 8:
+        return {f"{base}.q8": g.q.contiguous(), f"{base}.scales": g.scale.contiguous()}
+    return {f"{base}.q4": pack_int4(g.q).contiguous(), f"{base}.scales": g.scale.contiguous(),
+            f"{base}.mins": g.minimum.contiguous()}
+
+
+def _tensors(t, name: str, rows: np.ndarray | None) -> tuple[dict[str, torch.Tensor], bool]:
+    """(the safetensors entries for GGUF tensor t, whether it was kept as stored)."""
     from gguf import GGMLQuantizationType, quants
+
+    g = gguf_blocks.grouped(t.data, t.tensor_type) if name.endswith(".weight") and t.data.ndim == 2 else None
+    if g is not None:
+        return grouped_tensors(name, g if rows is None else g.rows(torch.from_numpy(rows))), True
+    w = quants.dequantize(t.data, t.tensor_type)
+    if rows is not None:
+        w = w[rows]
+    # Other quantized types become bf16: their rounding dwarfs bf16's, and the range is fp32's.
+    plain = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16}
+    tensor = torch.from_numpy(np.array(w, copy=True)).to(plain.get(t.tensor_type, torch.bfloat16))
+    return {name: tensor}, False
+
+
+def _write_tensors(reader, arch: str, out: Path, path: Path) -> None:
+    from gguf import GGMLQuantizationType
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     heads = _field(reader, f"{arch}.attention.head_count")
     kv_heads = _field(reader, f"{arch}.attention.head_count_kv") or heads
-    plain = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16}
+    unquantized = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+    dequantized: Counter[str] = Counter()
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
     shard_bytes, shard_index = 0, 0
@@ -272,16 +312,24 @@ def _write_tensors(reader, arch: str, out: Path, path: Path) -> None:
         if t.name == ROPE_FREQS:
             continue  # folded into config.json by _fold_rope_freqs
         name = hf_name(t.name, path)
-        w = quants.dequantize(t.data, t.tensor_type)
-        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = unpermute_rope_rows(w, heads if "q_proj" in name else kv_heads)
-        # Quantized sources are stored as bf16: their rounding dwarfs bf16's, and the range is fp32's.
-        tensor = torch.from_numpy(np.array(w, copy=True)).to(plain.get(t.tensor_type, torch.bfloat16))
-        shard[name] = tensor
-        shard_bytes += tensor.numel() * tensor.element_size()
+        rows = _rope_rows(arch, name, heads, kv_heads, len(t.data))
+        tensors, kept = _tensors(t, name, rows)
+        if not kept and t.tensor_type not in unquantized:
+            dequantized[t.tensor_type.name] += 1
+        shard.update(tensors)  # a weight's parts stay in one shard
+        shard_bytes += sum(x.numel() * x.element_size() for x in tensors.values())
         if shard_bytes >= SHARD_BYTES:
             flush()
     if shard:
         flush()
     index = {"metadata": {"converted_from": "gguf"}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    if dequantized:
+        print(f"ferry: {dequantized_note(dequantized)}", file=sys.stderr)
+
+
+def dequantized_note(counts: Counter[str]) -> str:
+    """One line naming the GGUF types converted to bf16 rather than kept as stored."""
+    parts = [f"{kind} ({n})" for kind, n in sorted(counts.items())]
+    kept = f"{', '.join(gguf_blocks.KEPT[:-1])} and {gguf_blocks.KEPT[-1]}"
+    return f"{', '.join(parts)} tensors are dequantized to bf16; {kept} are kept as stored"
