@@ -7,6 +7,7 @@ import torch
 
 from conftest import FAMILIES, tiny_hf_model
 from helpers import load_tiny, prompt_ids
+from ferry.kernels.reference import apply_rope
 from ferry.model.forward import decode_one, forward, forward_chunk, prefill
 from ferry.scheduler.decode import DecodeStats, Passes, decode_stepwise
 
@@ -62,3 +63,11 @@ def test_forward_rejects_gaps_and_overflow(tiny_model_dir):
         forward_chunk(cfg, weights, rope, cache, prompt_ids(2), start=5)
     with pytest.raises(ValueError, match="exceed"):
         forward_chunk(cfg, weights, rope, cache, prompt_ids(5), start=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_without_a_concatenated_copy_equals_the_concatenated_formula(dtype):
+    x = torch.randn(5, 9, 16).to(dtype).transpose(0, 1)  # a strided view, as in attention
+    cos, sin = torch.randn(5, 16).to(dtype), torch.randn(5, 16).to(dtype)
+    rotated = torch.cat([-x[..., 8:], x[..., :8]], dim=-1)
+    assert torch.equal(apply_rope(x, cos, sin), x * cos + rotated * sin)

@@ -33,7 +33,12 @@ def bundled_mlp(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [heads, S, head_dim] by the tables for its S positions ([S, head_dim])."""
+    """Rotate x [heads, S, head_dim] by the tables for its S positions ([S, head_dim]).
+
+    x * cos + cat(-x2, x1) * sin, written half by half (no concatenated copy); each product and
+    sum is rounded exactly as in that formula, so the result is bit-identical to it."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    out = x * cos
+    out[..., :half].sub_(x[..., half:] * sin[..., :half])
+    out[..., half:].add_(x[..., :half] * sin[..., half:])
+    return out
