@@ -68,7 +68,7 @@ def test_scrambled_quant_cache_warns_and_is_rebuilt(tiny_model_dir, cache, monke
     torch.testing.assert_close(logits(ferry.load(folder, **COMMON, quant="int4")), want, atol=0, rtol=0)
 
 
-def test_quant_cache_of_another_version_is_not_used(tiny_model_dir, cache, monkeypatch):
+def test_quant_cache_of_another_version_is_not_used_and_is_removed(tiny_model_dir, cache, monkeypatch):
     folder = tiny_model_dir("llama3")
     ferry.load(folder, **COMMON, quant="int8")
     [path] = quant_files(cache)
@@ -77,7 +77,19 @@ def test_quant_cache_of_another_version_is_not_used(tiny_model_dir, cache, monke
     real = quant_store.pack_quant_layer
     monkeypatch.setattr(quant_store, "pack_quant_layer", lambda *a: (calls.append(1), real(*a))[1])
     ferry.load(folder, **COMMON, quant="int8")
-    assert len(calls) == 4 and len(quant_files(cache)) == 2 and path in quant_files(cache)
+    assert len(calls) == 4 and len(quant_files(cache)) == 1 and path not in quant_files(cache)
+    ferry.load(folder, **COMMON, quant="int4")  # another setting of the same model: both stay
+    assert len(quant_files(cache)) == 2
+
+
+def test_caches_of_a_deleted_model_are_removed_by_the_next_write(tiny_model_dir, cache, tmp_path):
+    gone = Path(shutil.copytree(tiny_model_dir("llama3"), tmp_path / "deleted-model"))
+    options = dict(**COMMON, quant="int4", sparsity=0.5, mode="sparse", sparse_method="cats")
+    ferry.load(gone, **options)
+    shutil.rmtree(gone)
+    ferry.load(tiny_model_dir("qwen2"), **options)
+    assert [p.name for p in quant_files(cache)] == [p.name for p in quant_files(cache) if "qwen2" in p.name]
+    assert len(quant_files(cache)) == 1 and len(list((cache / "cats").iterdir())) == 1
 
 
 class FullDisk:
@@ -319,8 +331,11 @@ def test_gguf_cache_key_follows_mtime_and_version(llama31_gguf, cache, monkeypat
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     touched = gguf_mod.convert_gguf(path, cache)
+    assert not out.exists()  # a conversion of an older state of the file is removed
     monkeypatch.setattr(cache_files, "ferry_version", lambda: "99.0")
-    assert len({out, touched, gguf_mod.convert_gguf(path, cache)}) == 3
+    again = gguf_mod.convert_gguf(path, cache)
+    assert len({out, touched, again}) == 3 and not touched.exists()
+    assert [p for p in (cache / "gguf").iterdir()] == [again]
 
 
 def test_cats_cache_follows_the_quantization_group(tiny_model_dir, cache):

@@ -164,3 +164,44 @@ def write_text_or_warn(target: Path, text: str, what: str) -> bool:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def superseded(stored: dict | None, current: dict) -> bool:
+    """Whether a cache whose header is `stored` is dead weight next to one just made for
+    `current`: made from a source (source[0], a path) that no longer exists, or from the same
+    source by another ferry version or format (this ferry can never use it), or with the same
+    settings from an older state of the source files. Caches of the same source with other
+    settings (int8 beside int4) are kept; unreadable headers are left alone. Two ferry versions
+    alternating on one model rebuild each other's caches: a cost chosen over unbounded disk use."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("source"), list) or not stored["source"]:
+        return False
+    source = stored["source"][0]
+    if not isinstance(source, str):
+        return False
+    if not os.path.exists(source):
+        return True
+    if source != current["source"][0] or stored == current:
+        return False
+    other_code = stored.get("ferry") != current["ferry"] or stored.get("format") != current["format"]
+    return other_code or stored.get("settings") == current["settings"]
+
+
+def prune(entries, keep: Path, current: dict, read_header) -> None:
+    """Remove the cache entries (files or folders) that `superseded` calls dead, except `keep`.
+    read_header(entry) -> the entry's stored header, or None when it cannot be read."""
+    for entry in entries:
+        if entry == keep or _PARTIAL.search(entry.name):
+            continue
+        try:
+            stored = read_header(entry)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not superseded(stored, current):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            pass  # read-only or already gone: harmless

@@ -71,9 +71,12 @@ def convert_gguf(path: Path, cache_root: Path) -> Path:
         return tmp
     try:
         _convert(path, tmp, head)
-        return _commit(tmp, out, head)
+        done = _commit(tmp, out, head)
     finally:
         cache_files.remove_tree(tmp)  # gone already when committed
+    if done == out:  # conversions this one replaces (older ferry or file), or of deleted files
+        cache_files.prune(out.parent.iterdir(), out, head, lambda d: json.loads((d / RECORD).read_text()))
+    return done
 
 
 def _record_matches(out: Path, head: dict) -> bool:

@@ -82,16 +82,9 @@ def load_quantized_layers(
 def _cached_checksums(path: Path, head: dict) -> list[int] | None:
     """The layer checksums of a cache file matching `head`; None (warned) for a stale one."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            f.seek(max(0, size - _TAIL.size))
-            length, magic = _TAIL.unpack(f.read(_TAIL.size))
-            body = size - _TAIL.size - length
-            expect = head["settings"]["layers"] * head["settings"]["layer_bytes"]
-            if magic != MAGIC or body != expect:
-                raise ValueError("wrong size or not a ferry cache")
-            f.seek(body)
-            stored = json.loads(f.read(length))
+        stored, body, magic = read_trailer(path)
+        if magic != MAGIC or body != head["settings"]["layers"] * head["settings"]["layer_bytes"]:
+            raise ValueError("wrong size or not a ferry cache of this format")
         sums = stored.pop("checksums")
         if stored != head or len(sums) != head["settings"]["layers"]:
             raise ValueError("written for other settings or another ferry version")
@@ -101,6 +94,27 @@ def _cached_checksums(path: Path, head: dict) -> list[int] | None:
     except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
         cache_files.warn(f"ignoring the quantized cache {path} ({err}); rebuilding it")
         return None
+
+
+def read_trailer(path: Path) -> tuple[dict, int, bytes]:
+    """(the header stored after the layers, with their checksums; the layers' byte count; the
+    magic, which names the format). Every format so far ends this way."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < _TAIL.size:
+            raise ValueError("too short for a ferry cache")
+        f.seek(size - _TAIL.size)
+        length, magic = _TAIL.unpack(f.read(_TAIL.size))
+        if not magic.startswith(MAGIC[:6]) or length > size - _TAIL.size:
+            raise ValueError("not a ferry cache")
+        f.seek(size - _TAIL.size - length)
+        return json.loads(f.read(length)), size - _TAIL.size - length, magic
+
+
+def _stored_header(path: Path) -> dict:
+    stored = read_trailer(path)[0]
+    stored.pop("checksums", None)
+    return stored
 
 
 def _load(checkpoint, q, streamed, device, pin, progress, path, head, sums, fit):
@@ -125,8 +139,8 @@ def _load(checkpoint, q, streamed, device, pin, progress, path, head, sums, fit)
             if i not in streamed:
                 resident[i] = buf.to(device, copy=staging is not None)
             peak = max(peak, process.memory_info().rss)
-        if writer is not None:
-            writer.commit()
+        if writer is not None and writer.commit():  # caches this one replaces, or of deleted models
+            cache_files.prune(path.parent.iterdir(), path, head, _stored_header)
     finally:
         if writer is not None:
             writer.discard()
@@ -199,15 +213,18 @@ class _Writer:
             self._give_up(err)
             return False
 
-    def commit(self) -> None:
+    def commit(self) -> bool:
+        """True when this file is now the cache (False: it could not be written, or another
+        writer finished first and its file stays)."""
         try:
             trailer = json.dumps({**self.head, "checksums": self.sums}).encode()
             self.f.write(trailer + _TAIL.pack(len(trailer), MAGIC))
             cache_files.fsync_file(self.f)
             self.f.close()
-            cache_files.commit_file(self.tmp, self.path, self.seen)  # False: another writer won
+            return cache_files.commit_file(self.tmp, self.path, self.seen)
         except OSError as err:
             self._give_up(err)
+            return False
 
     def _give_up(self, err: OSError) -> None:
         cache_files.warn(f"cannot write the quantized cache {self.path} ({err}); continuing uncached")

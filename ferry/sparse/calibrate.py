@@ -92,8 +92,15 @@ def load_or_calibrate(folder: Path, cfg, weights, tokenizer, dtype, device, prog
     if table is not None:
         return table
     table = quantile_table(cfg, weights, tokenizer, dtype, device, progress)
-    cache_files.write_text_or_warn(path, json.dumps({**head, "quantiles": table}), "the CATS thresholds")
+    if cache_files.write_text_or_warn(path, json.dumps({**head, "quantiles": table}), "the CATS thresholds"):
+        cache_files.prune(path.parent.iterdir(), path, head, _stored_header)  # what this replaces
     return table
+
+
+def _stored_header(path: Path) -> dict:
+    stored = json.loads(path.read_text())
+    stored.pop("quantiles", None)
+    return stored
 
 
 def _cached_table(path: Path, head: dict, n_layers: int) -> list[list[float]] | None:
