@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -124,6 +125,20 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_twice_leaves(chat_model, tmp_p
     child.expect_exact("> ")
     child.sendintr()
     assert leaves(child) == 0
+
+
+def test_lines_not_utf8_are_ignored_and_the_chat_goes_on(chat_model, tmp_path):
+    """Piped stdin under a strict locale (PYTHONIOENCODING as a UTF-8 locale sets it): a stray
+    byte, then a UTF-8-encoded lone surrogate; each is one line, and the next message is answered."""
+    lines = b"bad \xff byte\n\xed\xa0\x80 surrogate\nThe capital of France\n/stats\n"
+    env = dict(os.environ, FERRY_CACHE_DIR=str(tmp_path), PYTHONIOENCODING="utf-8:strict")
+    done = subprocess.run([sys.executable, "-m", "ferry", "chat", "-m", str(chat_model), "--dtype", "fp32", "-n", "3"],
+                          input=lines, capture_output=True, cwd=ROOT, env=env, timeout=300)
+    out, err = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
+    assert done.returncode == 0 and "Traceback" not in err, err
+    assert out.count("[ignored a line that is not valid UTF-8]") == 2, out
+    found = STATS.search(out)
+    assert found and int(found.group(1)) > 0, out  # the good message after them was answered
 
 
 def test_a_model_without_a_chat_template_exits_2(tiny_model_dir, capsys):

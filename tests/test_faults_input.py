@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import ferry
 from ferry.cli import main
+from ferry.engine.text import check_token_ids
+from ferry.errors import FerryError
+from ferry.offload.sources import default_model_gguf
 from ferry.scheduler.sampling import Sampler, SamplingConfig
 
 
@@ -185,6 +195,79 @@ def test_ctrl_c_while_loading(tiny_model_dir, capsys, monkeypatch):
     monkeypatch.setattr("ferry.offload.loader.pack_layer", interrupted)
     code, _, err = run(capsys, *GEN, "-m", str(tiny_model_dir()))
     assert code == 130 and "Traceback" not in err
+
+
+def wait_for_partial(folder: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until a cache write is under way in `folder` (its `.partial-` entry exists)."""
+    deadline = time.monotonic() + timeout
+    while not any(".partial-" in p.name for p in folder.glob("*")):
+        assert proc.poll() is None, f"ended before writing to {folder}: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"no cache write in {folder} after {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigint_while_loading_exits_130_and_leaves_no_partial_files(tmp_path):
+    """A real SIGINT to `python -m ferry generate` while it converts the default GGUF, then while
+    it quantizes it (an empty cache makes both happen, and each takes seconds)."""
+    try:
+        default_model_gguf()
+    except FerryError as err:
+        pytest.skip(str(err))
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "ferry", "generate", "-p", "hi", "-n", "1", "--quant", "int4", "--quant-group", "64"]
+    for phase in ("gguf", "quant"):
+        proc = subprocess.Popen(argv, env=dict(os.environ, FERRY_CACHE_DIR=str(cache)), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+        try:
+            wait_for_partial(cache / phase, proc)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == 130 and "Traceback" not in err, (phase, err[-2000:])
+        assert "ferry: interrupted" in err, phase
+        assert not [p for p in cache.rglob("*") if ".partial-" in p.name], phase
+        assert not list((cache / "quant").glob("*.bin")), "an interrupted quantization left a cache file"
+
+
+# --- token ids ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ids, needle", [
+    ([1, -1], "token id 1 is -1, outside"), ([5, 384], "token id 1 is 384, outside this model's vocabulary "
+                                                        "(0 to 383)"),
+    ([1, True], "token id 1 is True, not an integer"), ([2.0], "token id 0 is 2.0, not an integer"),
+    ([], "empty"), ("12", "a list of integers, got str"), (7, "a list of integers, got int"),
+])
+def test_bad_token_ids_refused_before_the_forward(ids, needle):
+    with pytest.raises(FerryError, match=re.escape(needle)):
+        check_token_ids(ids, 384)
+
+
+def test_good_token_ids_pass():
+    import numpy as np
+
+    check_token_ids([0, 383, np.int64(7)], 384)
+
+
+def test_logits_refuses_bad_ids_without_a_forward(tiny_model_dir, monkeypatch):
+    engine = ferry.load(tiny_model_dir(), dtype="fp32", ctx=64, progress=False)
+    monkeypatch.setattr("ferry.engine.engine.full_logits", lambda *a: pytest.fail("forward ran"))
+    with pytest.raises(FerryError, match="token id 2 is 384, outside"):
+        engine.logits([1, 2, 384])
+
+
+def test_tokenizer_with_ids_past_the_model_is_refused(tiny_model_dir):
+    """A tokenizer given to load() whose added tokens the model's embedding does not have."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
+    extra = [f"<extra{i}>" for i in range(384 - len(tokenizer) + 1)]
+    tokenizer.add_tokens(extra)  # the last one's id is 384, one past the model's embedding
+    engine = ferry.load(tiny_model_dir(), dtype="fp32", ctx=64, progress=False, tokenizer=tokenizer)
+    assert engine.encode(f"The {extra[-2]}", chat=False)[-1] == 383
+    with pytest.raises(FerryError, match="is 384, outside this model's vocabulary"):
+        engine.encode(f"The {extra[-1]}", chat=False)
 
 
 # --- profile --trace, batches ---------------------------------------------------------------------

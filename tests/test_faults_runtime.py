@@ -228,3 +228,43 @@ def test_parallel_kernels_from_two_threads_do_not_abort():
     for t in threads:
         t.join(30)
     assert all(torch.equal(o, src[:3000]) for o in outs)
+
+
+def test_concurrent_cats_writers_leave_one_whole_file(tmp_path):
+    """Two processes calibrating the same weights write the same header-keyed file (the last
+    rename wins): a reader must see one writer's whole table, never a torn or mixed one, and
+    no partial file may stay behind."""
+    import json
+
+    from ferry.offload import cache_files
+
+    path = tmp_path / "cats" / "0123456789abcdef.json"
+    path.parent.mkdir()
+    tables = [json.dumps({"format": "cats", "quantiles": [[i + 0.5] * 257] * 30}) for i in range(3)]
+    stop, bad = threading.Event(), []
+
+    def read():
+        while not stop.is_set():
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                continue
+            if text not in tables:
+                bad.append(text[:60])
+
+    def write(text):
+        for _ in range(15):
+            assert cache_files.write_text_or_warn(path, text, "the CATS thresholds")
+
+    reader = threading.Thread(target=read)
+    writers = [threading.Thread(target=write, args=(t,)) for t in tables]
+    reader.start()
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(60)
+    stop.set()
+    reader.join(10)
+    assert not bad, bad[:3]
+    assert path.read_text() in tables
+    assert [p.name for p in path.parent.iterdir()] == [path.name]

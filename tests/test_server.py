@@ -350,7 +350,9 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
     ("/v1/completions", {}, "prompt"),
     ("/v1/completions", {"prompt": ""}, "prompt"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
-    ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
+    ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),  # token ids are not taken, in any shape
+    ("/v1/completions", {"prompt": [[1, 2]]}, "prompt"),
+    ("/v1/completions", {"prompt": [-1]}, "prompt"),
 ])
 def test_bad_requests_are_400_in_openai_shape(url, path, body, param):
     status, reply = request(url, "POST", path, body)

@@ -11,6 +11,8 @@ Choices, each the simplest that keeps the conversation usable:
 - A message that would take the conversation past the context is refused with one line and
   not kept; /reset starts over. Old turns are not dropped silently: that would change the
   prefix (losing the cache) and what the model remembers without telling the user.
+- A line that is not valid UTF-8 (a stray byte, a lone surrogate) is ignored with one line; the
+  conversation goes on.
 """
 
 from __future__ import annotations
@@ -107,9 +109,13 @@ class Chat:
         self.messages = start(self.args.system)
 
     def loop(self) -> None:
+        tolerate_bad_bytes()
         while (line := read_line()) is not None:
             text = line.strip()
             if not text:
+                continue
+            if not is_utf8(text):
+                say("[ignored a line that is not valid UTF-8]")
                 continue
             if not text.startswith("/"):
                 self.answer(text)
@@ -204,6 +210,25 @@ def read_line() -> str | None:
                 return None
             interrupted = True
             print("\n[Ctrl-C again or Ctrl-D leaves]", flush=True)
+
+
+def tolerate_bad_bytes() -> None:
+    """Undecodable bytes on stdin become lone surrogates (which the loop ignores) rather than a
+    UnicodeDecodeError inside input(), which under a strict locale would end the chat."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):  # a closed or unusual stream: leave it as it is
+            pass
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 @contextmanager

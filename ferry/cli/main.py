@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ferry: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("ferry: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (ferry ... | head); nothing left to say

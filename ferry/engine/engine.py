@@ -15,7 +15,7 @@ from typing import Any
 from ferry.engine.config import FerryConfig
 from ferry.engine.generation import Generation, Request, TokenStream, full_logits, generate
 from ferry.engine.runtime import Runtime, build_runtime
-from ferry.engine.text import Prompt, encode_prompt
+from ferry.engine.text import Prompt, check_token_ids, encode_prompt
 from ferry.model.config import ModelConfig
 from ferry.offload.planner import Plan
 
@@ -73,10 +73,12 @@ class Engine:
 
     def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
         """Token ids of a prompt as a generation would see them (chat template when it has one)."""
-        return encode_prompt(self.runtime.tokenizer, prompt, chat)
+        return encode_prompt(self.runtime.tokenizer, prompt, chat, self.model.vocab_size)
 
     def logits(self, ids: list[int]):
-        """The full model's logits [S, V] at every position of a token sequence."""
+        """The full model's logits [S, V] at every position of a token sequence; ids outside the
+        vocabulary are refused with a FerryError."""
+        check_token_ids(ids, self.model.vocab_size)
         return full_logits(self.runtime, ids)
 
     def close(self) -> None:

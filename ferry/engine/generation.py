@@ -116,7 +116,7 @@ def generate(rt: Runtime, request: Request, views: Views | None = None) -> Gener
     """Tokens as they are committed; the generator's return value is the Generation. A bad
     request (empty, or longer than the context) raises here, before the first token.
     views: other weights to run on (ferry.profile's timed views); by default the runtime's own."""
-    ids = encode_prompt(rt.tokenizer, request.prompt, request.chat)
+    ids = encode_prompt(rt.tokenizer, request.prompt, request.chat, rt.model.vocab_size)
     ensure_context(rt, len(ids), request.max_new_tokens)
     return _tokens(rt, request, ids, views)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any, Union
 
 from ferry.errors import FerryError, SettingError
@@ -11,7 +12,7 @@ Prompt = Union[str, list[Message]]  # a text, or a conversation (always through 
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool | None) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool | None, vocab_size: int | None = None) -> list[int]:
     """Token ids for a prompt; chat=None uses the chat template when the tokenizer has one.
 
     A text is one user message when templated; a list of messages is a conversation and needs
@@ -37,7 +38,23 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool | None) -> list[int
         ids = tokenizer(prompt)["input_ids"]
     if not ids:
         raise FerryError("the prompt is empty")
+    if vocab_size is not None:  # a tokenizer with added tokens the model lacks
+        check_token_ids(ids, vocab_size)
     return list(ids)
+
+
+def check_token_ids(ids: Any, vocab_size: int) -> None:
+    """Refuse token ids the embedding table cannot look up, before any forward pass: a negative
+    id would silently index from the end, one past the table fails deep in torch."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+        raise FerryError(f"token ids must be a list of integers, got {type(ids).__name__}")
+    if len(ids) == 0:
+        raise FerryError("no token ids: the sequence is empty")
+    for i, t in enumerate(ids):
+        if not isinstance(t, Integral) or isinstance(t, bool):
+            raise FerryError(f"token id {i} is {t!r}, not an integer")
+        if not 0 <= t < vocab_size:
+            raise FerryError(f"token id {i} is {t}, outside this model's vocabulary (0 to {vocab_size - 1})")
 
 
 def check_text(text: str, what: str) -> None:

@@ -2,9 +2,10 @@
 
 Every cache (quantized layers, CATS thresholds, converted GGUF folders) is written the same way:
 created under an exclusive temporary name `<target>.partial-<pid>-<random>` in the target's folder
-(no predictable name, no symlink followed), fsynced, then renamed into place; the first writer to
-finish wins and a later one keeps the earlier result. Partial files of processes that are gone
-are swept at the next write. Each cache records a header (`header`) naming the format, ferry's
+(no predictable name, no symlink followed), fsynced, then renamed into place. Large caches
+(quantized layers, GGUF folders) keep the first writer to finish, and a later one uses its result;
+small ones (CATS thresholds) are replaced whole by the last writer, which wrote the same table.
+Partial files of processes that are gone are swept at the next write. Each cache records a header (`header`) naming the format, ferry's
 version, the source's identity and the settings that change the result; a header that does not
 match is a stale cache: it is warned about and rebuilt, never used.
 """
