@@ -10,6 +10,7 @@ from ferry.errors import SettingError
 # A value other than the default for every option, and where it must land.
 NON_DEFAULTS = {
     "model": "some/folder", "dtype": "fp32", "device": "cpu", "ctx": 77, "progress": False, "reuse_prefix": False,
+    "batch_size": 4,
     "gpu_memory": 1 << 30, "host_memory": 2 << 30, "prefetch_depth": 3, "emulate_link_gbps": 4.0,
     "schedule": "serial", "resident_sparse": False, "quant": "int4", "quant_group": 64, "quant_fit": False,
     "sparsity": 0.4, "sparse_method": "cats", "mode": "sparse", "threshold": 0.3, "accept": "strict",

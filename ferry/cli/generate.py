@@ -19,7 +19,7 @@ from ferry.errors import FerryError, SettingError
 ENGINE_FLAGS = ("model", "dtype", "device", "ctx", "gpu_memory", "prefetch_depth", "quant", "quant_group", "quant_fit",
                 "emulate_link_gbps", "schedule", "resident_sparse", "link_gbps",
                 "sparsity", "sparse_method", "mode", "period", "max_period", "draft_confidence", "threshold",
-                "accept", "speculate", "reuse_prefix")
+                "accept", "speculate", "reuse_prefix", "batch_size")
 REQUEST_FLAGS = ("max_new_tokens", "chat", "temperature", "top_p", "seed", "ignore_eos")
 
 
@@ -32,19 +32,52 @@ def add_parser(sub: Any) -> None:
     gen.set_defaults(run=run)
 
 
+DEFAULT_BATCH = 8  # the largest batch a prompt file gets unless --batch-size says otherwise
+
+
 def run(args: argparse.Namespace) -> None:
     config = FerryConfig.from_options(**config_options(args))
     prompts = read_prompts(args)
-    engine = make_engine(config, prompts, args)
     batch = getattr(args, "prompt_file", None) is not None
+    engine = make_engine(config, prompts, args)
     failed = 0
     try:
-        for number, prompt in enumerate(prompts, 1):
-            failed += not answer(engine, prompt, args, f"prompt {number}: " if batch else None)
+        if batch and engine.runtime.config.runtime.batch_size > 1:
+            failed = answer_batched(engine, prompts, args)
+        else:
+            for number, prompt in enumerate(prompts, 1):
+                failed += not answer(engine, prompt, args, f"prompt {number}: " if batch else None)
     finally:
         engine.close()
     if failed:
         raise FerryError(f"{failed} of {len(prompts)} prompts failed")
+
+
+def answer_batched(engine: Engine, prompts: list[str], args: argparse.Namespace) -> int:
+    """Decode the prompts in batches (`ferry.engine.batch`); each answer is printed whole, in
+    input order, as soon as it and those before it are done. Returns how many failed."""
+    from ferry.engine.batch import generate_batch
+
+    requests = (engine.request(p, **request_options(args)) for p in prompts)
+    done: dict[int, Any] = {}
+    printed = failed = 0
+    for index, result in generate_batch(engine.runtime, requests):
+        done[index] = result
+        while printed in done:
+            failed += not print_result(prompts[printed], done.pop(printed), args, printed + 1)
+            printed += 1
+    return failed
+
+
+def print_result(prompt: str, result, args: argparse.Namespace, number: int) -> bool:
+    """One batched answer, or its error (on stderr, and as an error object with --json)."""
+    if isinstance(result, FerryError):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "error": str(result)}, ensure_ascii=False), flush=True)
+        print(f"ferry: error: prompt {number}: {result}", file=sys.stderr, flush=True)
+        return False
+    print(json.dumps(result.to_dict(), ensure_ascii=False) if args.json else result.text, flush=True)
+    return True
 
 
 def answer(engine: Engine, prompt: str, args: argparse.Namespace, label: str | None) -> bool:
@@ -148,6 +181,11 @@ def make_engine(config: FerryConfig, prompts: list[str], args: argparse.Namespac
     runtime = replace(config.runtime, model=str(folder))  # resolved once
     if runtime.ctx is None:
         runtime = replace(runtime, ctx=prompts_ctx(tokenizer, prompts, args, max_positions))
+    if getattr(args, "prompt_file", None) is not None and args.batch_size is None and len(prompts) > 1:
+        from ferry.engine.runtime import fitting_batch
+
+        most = min(len(prompts), DEFAULT_BATCH)
+        runtime = replace(runtime, batch_size=fitting_batch(replace(config, runtime=runtime), most))
     engine = Engine(replace(config, runtime=runtime), tokenizer=tokenizer)
     plan = engine.plan
     if plan.streamed_layers:

@@ -19,7 +19,7 @@ from ferry.engine import FerryConfig
 from ferry.errors import FerryError
 
 PLAN_FLAGS = ("model", "dtype", "device", "ctx", "gpu_memory", "host_memory", "prefetch_depth", "quant",
-              "quant_group", "quant_fit", "schedule", "resident_sparse", "sparsity", "sparse_method", "mode", "period",
+              "quant_group", "quant_fit", "batch_size", "schedule", "resident_sparse", "sparsity", "sparse_method", "mode", "period",
               "max_period", "speculate", "gpu", "gpu_mem_gbps", "pcie_gbps", "aal", "show_schedule", "json",
               "link_gbps")
 EMBEDDED = "SmolLM2-135M-Instruct (embedded)"

@@ -43,6 +43,7 @@ class RuntimeConfig:
     ctx: int | None = None  # KV cache length; None: what each request needs, up to planned_ctx
     progress: bool = True  # progress bars while loading, quantizing, calibrating
     reuse_prefix: bool = True  # a prompt that begins with the previous sequence prefills only the rest
+    batch_size: int = 1  # sequences decoded together (a prompt file); the plan holds their KV caches
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -53,6 +54,8 @@ class RuntimeConfig:
             raise SettingError("device", f"{self.device}: CUDA is not available on this machine")
         if self.ctx is not None and (not isinstance(self.ctx, int) or self.ctx < 1):
             raise SettingError("ctx", f"must be at least 1, got {self.ctx!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise SettingError("batch_size", f"must be an integer >= 1, got {self.batch_size!r}")
 
 
 def planned_ctx(ctx: int | None, max_positions: int) -> int:
@@ -109,7 +112,7 @@ SECTIONS = {"runtime": RuntimeConfig, "offload": OffloadConfig, "quant": QuantCo
 OPTIONS: dict[str, tuple[str, str]] = {
     "model": ("runtime", "model"), "dtype": ("runtime", "dtype"), "device": ("runtime", "device"),
     "ctx": ("runtime", "ctx"), "progress": ("runtime", "progress"),
-    "reuse_prefix": ("runtime", "reuse_prefix"),
+    "reuse_prefix": ("runtime", "reuse_prefix"), "batch_size": ("runtime", "batch_size"),
     "gpu_memory": ("offload", "gpu_memory"), "host_memory": ("offload", "host_memory"),
     "prefetch_depth": ("offload", "prefetch_depth"), "emulate_link_gbps": ("offload", "emulate_link_gbps"),
     "schedule": ("offload", "schedule"), "resident_sparse": ("offload", "resident_sparse"),

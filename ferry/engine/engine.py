@@ -16,6 +16,7 @@ from ferry.engine.config import FerryConfig
 from ferry.engine.generation import Generation, Request, TokenStream, full_logits, generate
 from ferry.engine.runtime import Runtime, build_runtime
 from ferry.engine.text import Prompt, check_token_ids, encode_prompt
+from ferry.errors import FerryError
 from ferry.model.config import ModelConfig
 from ferry.offload.planner import Plan
 
@@ -67,6 +68,22 @@ class Engine:
         assert stream.result is not None
         return stream.result
 
+    def generate_batch(self, prompts: list[Prompt], *, batch_size: int | None = None,
+                       **options: Any) -> list[Generation]:
+        """Generations for several prompts, in their order, decoded together: up to `batch_size`
+        (default: the engine's batch_size setting) at a time, sharing every weight read, a
+        finished one's place taken by the next prompt. Options as for `stream`, for every prompt.
+        A prompt refused on its own (longer than the context) raises its FerryError at the end,
+        after the others have run."""
+        from ferry.engine.batch import generate_batch
+
+        done = dict(generate_batch(self.runtime, [self.request(p, **options) for p in prompts], batch_size))
+        results = [done[i] for i in range(len(prompts))]
+        for result in results:
+            if isinstance(result, FerryError):
+                raise result
+        return results
+
     def reset(self) -> None:
         """Forget the previous sequence: the next request prefills its whole prompt."""
         self.runtime.context.forget()
@@ -92,8 +109,9 @@ def load(model: str | os.PathLike | None = None, **options: Any) -> Engine:
     options are the settings the CLI's flags set, by the same names (see
     `ferry.engine.config.OPTIONS`): dtype, device, ctx, gpu_memory ("20GiB" or bytes),
     host_memory, prefetch_depth, emulate_link_gbps, schedule, resident_sparse, quant,
-    quant_group, sparsity, sparse_method, mode, period (an integer or "auto"), max_period,
-    draft_confidence, threshold, accept, speculate, temperature, top_p, seed, progress.
+    quant_group, quant_fit, sparsity, sparse_method, mode, period (an integer or "auto"),
+    max_period, draft_confidence, threshold, accept, speculate, temperature, top_p, seed,
+    progress, reuse_prefix, batch_size.
     For example `ferry.load(sparsity=0.5, quant="int4", gpu_memory="20GiB")`.
     """
     tokenizer = options.pop("tokenizer", None)

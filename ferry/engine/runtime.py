@@ -87,15 +87,10 @@ class Runtime:
 def build_runtime(config: FerryConfig, tokenizer: Any = None) -> Runtime:
     """Load the model `config` describes. tokenizer: one already loaded for this model.
     The runtime's config is `config` with quant='auto' resolved against the checkpoint."""
-    folder = resolve_model(config.runtime.model)
-    checkpoint = open_checkpoint(folder)
-    config = replace(config, quant=config.quant.for_source(source_quant(checkpoint)))
-    device = torch.device(pick_device(config.runtime.device))
-    dtype = pick_dtype(config.runtime.dtype, checkpoint.hf_config, device)
+    folder, checkpoint, config, device, dtype = _resolve(config)
     tokenizer = tokenizer or load_tokenizer(folder)
     stops = stop_ids(checkpoint.hf_config, tokenizer, folder)
-    budget, host = default_budgets(device.type, config.offload)
-    plan = plan_for(config, checkpoint.config, device.type, torch.finfo(dtype).bits // 8, budget, host).check()
+    plan = _plan(config, checkpoint, device, dtype).check()
     link = make_link(device, config.offload.emulate_link_gbps)
     weights, report = load_model(checkpoint, plan, dtype, device, link,
                                  pipelined=config.offload.schedule == "pipelined",
@@ -112,6 +107,30 @@ def build_runtime(config: FerryConfig, tokenizer: Any = None) -> Runtime:
         load_report=report, tuner=make_tuner(config, plan, checkpoint.config), context=Context())
 
 
+def _resolve(config: FerryConfig) -> tuple[Path, Checkpoint, FerryConfig, torch.device, torch.dtype]:
+    """The model's folder and checkpoint, the config with quant='auto' resolved, device, dtype."""
+    folder = resolve_model(config.runtime.model)
+    checkpoint = open_checkpoint(folder)
+    config = replace(config, quant=config.quant.for_source(source_quant(checkpoint)))
+    device = torch.device(pick_device(config.runtime.device))
+    return folder, checkpoint, config, device, pick_dtype(config.runtime.dtype, checkpoint.hf_config, device)
+
+
+def _plan(config: FerryConfig, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> Plan:
+    budget, host = default_budgets(device.type, config.offload)
+    return plan_for(config, checkpoint.config, device.type, torch.finfo(dtype).bits // 8, budget, host)
+
+
+def fitting_batch(config: FerryConfig, most: int) -> int:
+    """The largest batch size up to `most` whose memory plan fits (1 when none does: loading
+    then reports what does not fit)."""
+    _, checkpoint, config, device, dtype = _resolve(config)
+    for size in range(most, 1, -1):
+        if _plan(replace(config, runtime=replace(config.runtime, batch_size=size)), checkpoint, device, dtype).fits:
+            return size
+    return 1
+
+
 def plan_for(config: FerryConfig, model: ModelConfig, device: str, dtype_bytes: int, budget: int,
              host: int) -> Plan:
     """The memory plan of this configuration (what `build_runtime` loads and `ferry plan` shows)."""
@@ -120,7 +139,7 @@ def plan_for(config: FerryConfig, model: ModelConfig, device: str, dtype_bytes: 
         ctx=planned_ctx(config.runtime.ctx, model.max_position_embeddings),
         prefetch_depth=config.offload.prefetch_depth, device=device, sparsity=config.plan_sparsity,
         sparse_method=config.sparsity.method, prefix_resident=config.offload.resident_sparse,
-        quant=config.quant)
+        quant=config.quant, batch_size=config.runtime.batch_size)
 
 
 def weight_variant(config: FerryConfig, plan: Plan) -> str:

@@ -2,11 +2,14 @@
 
 One function serves prefill (S = prompt length), one-token decode (S = 1) and the multi-token
 pass over K drafted tokens that the correction step runs; the three entry points below only
-choose S and which logits to return.
+choose S and which logits to return. A batched pass (`forward_batch`) runs several sequences'
+segments, each against its own KV cache, with one read of each layer's weights: the linear
+layers see every segment's rows at once, attention runs per segment.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Generator
 
 import torch
@@ -29,13 +32,42 @@ def attention_mask(start: int, s: int, lo: int, window: int | None, device) -> t
     return allowed
 
 
-def attention(
-    cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
-) -> torch.Tensor:
-    """Grouped-query attention for x [S, H]; writes keys/values at positions start..start+S-1."""
-    s = x.shape[0]
-    qkv = F.linear(x, w.qkv, w.qkv_bias)  # [S, q + 2 kv]
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's share of a batched pass: its tokens at positions start..start+S-1 of its
+    own KV cache. A pass over several segments reads each layer's weights once for all of them."""
+
+    cache: KVCache
+    tokens: torch.Tensor  # [S] token ids
+    start: int
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Where a segment's rows sit in the pass's activations, with its rope rows."""
+
+    cache: KVCache
+    start: int
+    lo: int
+    hi: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def attention(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list[_Rows], index: int) -> torch.Tensor:
+    """Grouped-query attention for x [N, H] (every segment's rows); writes each segment's keys
+    and values into its cache at its positions, and each segment attends to its own cache."""
+    qkv = F.linear(x, w.qkv, w.qkv_bias)  # [N, q + 2 kv]: one weight read for every row
+    out = torch.empty(x.shape[0], cfg.q_size, dtype=x.dtype, device=x.device)
+    for r in rows:
+        out[r.lo:r.hi] = _attend(cfg, qkv[r.lo:r.hi], r.cache.k[index], r.cache.v[index], r.start, r.cos, r.sin)
+    return F.linear(out, w.o)
+
+
+def _attend(cfg: ModelConfig, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One segment: rope, cache writes at start..start+S-1, attention over its cache; [S, q]."""
+    s = qkv.shape[0]
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = apply_rope(q.view(s, cfg.num_heads, cfg.head_dim).transpose(0, 1), cos, sin)
     k = apply_rope(k.view(s, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1), cos, sin)
@@ -49,20 +81,17 @@ def attention(
     q = q.reshape(cfg.num_kv_heads, group * s, cfg.head_dim)
     mask = None
     if s > 1:
-        mask = attention_mask(start, s, lo, window, x.device).repeat(group, 1)  # [group S, keys]
+        mask = attention_mask(start, s, lo, window, qkv.device).repeat(group, 1)  # [group S, keys]
     out = F.scaled_dot_product_attention(
         q, k_cache[:, lo:end], v_cache[:, lo:end], attn_mask=mask, scale=cfg.attention_scale
     )  # [kv_heads, group S, head_dim]
-    out = out.view(cfg.num_heads, s, cfg.head_dim).transpose(0, 1).reshape(s, cfg.q_size)
-    return F.linear(out, w.o)
+    return out.view(cfg.num_heads, s, cfg.head_dim).transpose(0, 1).reshape(s, cfg.q_size)
 
 
-def decoder_layer(
-    cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cache: KVCache, index: int,
-    start: int, cos: torch.Tensor, sin: torch.Tensor, observe=None,
-) -> torch.Tensor:
+def decoder_layer(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list[_Rows], index: int,
+                  observe=None) -> torch.Tensor:
     h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
-    x = x + attention(cfg, w, h, cache.k[index], cache.v[index], start, cos, sin)
+    x = x + attention(cfg, w, h, rows, index)
     h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
     if len(w.mlp) == 1:
         return x + bundled_mlp(h, w.mlp[0], w.mlp_threshold, observe)
@@ -97,27 +126,50 @@ def forward_layers(
     """`forward` as a generator that yields each layer's index once the layer is done, so the
     caller can run other work between layers (speculative sparse steps during a full pass);
     the logits are the generator's return value (see `run_layers`)."""
-    s = tokens.shape[0]
-    if not 0 <= start <= cache.length:
-        raise ValueError(f"start {start} leaves a gap after the {cache.length} cached positions")
-    if start + s > cache.capacity:
-        raise ValueError(f"positions up to {start + s} exceed the KV cache ({cache.capacity})")
-    cos, sin = rope.cos[start:start + s], rope.sin[start:start + s]
+    logits = yield from batch_layers(cfg, weights, rope, [Segment(cache, tokens, start)], all_logits, observe_mlp)
+    return logits[0]
+
+
+def forward_batch(cfg: ModelConfig, weights: ModelWeights, rope: Rope, segments: list[Segment],
+                  all_logits: bool, observe_mlp=None) -> list[torch.Tensor]:
+    """One pass over several sequences' segments: fp32 logits [S or 1, V] per segment. Each
+    layer's weights are read (and streamed) once for all of them; observe_mlp sees the MLP
+    activations of every segment's rows together."""
+    return run_layers(batch_layers(cfg, weights, rope, segments, all_logits, observe_mlp))
+
+
+def batch_layers(
+    cfg: ModelConfig, weights: ModelWeights, rope: Rope, segments: list[Segment],
+    all_logits: bool, observe_mlp=None,
+) -> Generator[int, None, list[torch.Tensor]]:
+    rows, lo = [], 0
+    for seg in segments:
+        s, cache, start = seg.tokens.shape[0], seg.cache, seg.start
+        if not 0 <= start <= cache.length:
+            raise ValueError(f"start {start} leaves a gap after the {cache.length} cached positions")
+        if start + s > cache.capacity:
+            raise ValueError(f"positions up to {start + s} exceed the KV cache ({cache.capacity})")
+        rows.append(_Rows(cache, start, lo, lo + s, rope.cos[start:start + s], rope.sin[start:start + s]))
+        lo += s
+    tokens = segments[0].tokens if len(segments) == 1 else torch.cat([seg.tokens for seg in segments])
     weights.layers.begin()
-    x = F.embedding(tokens.to(weights.embed.device), weights.embed)  # [S, H]
-    if x.device != cache.k.device:  # embeddings kept in host memory: only these rows move
+    x = F.embedding(tokens.to(weights.embed.device), weights.embed)  # [N, H]
+    if x.device != rows[0].cache.k.device:  # embeddings kept in host memory: only these rows move
         x = weights.layers.upload(x)
     for index in range(cfg.num_layers):
         observe = None if observe_mlp is None else (lambda a, z, i=index: observe_mlp(i, a, z))
-        x = decoder_layer(cfg, weights.layers.acquire(index), x, cache, index, start, cos, sin, observe)
+        x = decoder_layer(cfg, weights.layers.acquire(index), x, rows, index, observe)
         weights.layers.release(index)
         yield index
-    cache.length = start + s
+    for r in rows:
+        r.cache.length = r.start + r.hi - r.lo
     if not all_logits:
-        x = x[-1:]
+        x = x[[r.hi - 1 for r in rows]] if len(rows) > 1 else x[-1:]
     logits = F.linear(rms_norm(x, weights.norm, cfg.rms_norm_eps), weights.lm_head).float()
     weights.layers.end()
-    return logits
+    if all_logits:
+        return [logits[r.lo:r.hi] for r in rows]
+    return [logits[i:i + 1] for i in range(len(rows))]
 
 
 def run_layers(steps: Generator[int, None, torch.Tensor], between: Callable[[int], None] | None = None) -> torch.Tensor:

@@ -73,6 +73,7 @@ class Plan:
     sparse_method: str = "griffin"  # griffin reads a prefix of each layer; cats whole layers
     quant: str = "none"  # none, int8, int4: layer, prefix and slot bytes are then the packed sizes
     quant_group: int = 0  # values per quantization scale (0: not quantized)
+    batch_size: int = 1  # sequences decoded together: KV cache and workspace are for all of them
 
     @property
     def num_layers(self) -> int:
@@ -116,6 +117,7 @@ def make_plan(
     cfg: ModelConfig, *, dtype_bytes: int, budget_bytes: int, host_available_bytes: int,
     ctx: int, prefetch_depth: int = 2, device: str = "cpu", sparsity: float = 0.0,
     sparse_method: str = "griffin", prefix_resident: bool = True, quant: QuantConfig = QuantConfig("none"),
+    batch_size: int = 1,
 ) -> Plan:
     """With Griffin sparsity a sparse step reads a prefix of each layer (attention + the selected
     neurons); CATS reads whole layers (every gate row is needed). prefix_resident: with Griffin,
@@ -123,12 +125,16 @@ def make_plan(
     prefix is read by every sparse step and spares the full pass its bytes too), so prefixes
     take the room first, then the leftover turns prefixes into whole resident layers.
     quant: layers, prefixes and slots hold packed integers and scales; the device also holds one
-    compute-dtype layer that each acquired layer is dequantized into (counted in the workspace)."""
+    compute-dtype layer that each acquired layer is dequantized into (counted in the workspace).
+    batch_size: B sequences of up to ctx tokens each; their KV caches and one prefill over all
+    their prompts take B times the room of one (both grow with the tokens held)."""
     if prefetch_depth < 1:
         raise FerryError(f"prefetch depth must be at least 1, got {prefetch_depth}")
     if ctx < 1:
         raise FerryError(f"context length must be at least 1, got {ctx}")
-    parts = part_bytes(cfg, dtype_bytes, ctx, quant, sparsity)
+    if batch_size < 1:
+        raise FerryError(f"batch size must be at least 1, got {batch_size}")
+    parts = part_bytes(cfg, dtype_bytes, ctx * batch_size, quant, sparsity)
     layer, prefix, embed, lm_head = parts.layer, parts.prefix, parts.embed, parts.lm_head
     fixed = parts.kv_cache + parts.workspace + parts.norm + (embed if cfg.tie_word_embeddings else lm_head)
     problems: list[str] = []
@@ -138,7 +144,7 @@ def make_plan(
     if budget_bytes < fixed:
         problems.append(
             f"the device budget {fmt_bytes(budget_bytes)} is below the {fmt_bytes(fixed)} needed before "
-            f"any layer (KV cache for {ctx} tokens {fmt_bytes(parts.kv_cache)}, lm_head "
+            f"any layer (KV cache for {_tokens(ctx, batch_size)} {fmt_bytes(parts.kv_cache)}, lm_head "
             f"{fmt_bytes(max(lm_head, embed))}, workspace {fmt_bytes(parts.workspace)})")
     elif slots and (budget_bytes - fixed) // layer < prefetch_depth:
         problems.append(
@@ -169,8 +175,12 @@ def make_plan(
         embed_on_device=embed_on_device, slot_count=slots, device_bytes=device_bytes,
         host_bytes=host_bytes, link_bytes=moved, problems=tuple(problems), sparsity=sparsity,
         prefix_layers=streamed[:n_prefix], prefix_bytes=prefix, sparse_method=sparse_method,
-        quant=quant.method, quant_group=parts.quant_group,
+        quant=quant.method, quant_group=parts.quant_group, batch_size=batch_size,
     )
+
+
+def _tokens(ctx: int, batch: int) -> str:
+    return f"{ctx} tokens" if batch == 1 else f"{batch} sequences of {ctx} tokens"
 
 
 def _place_layers(n_layers: int, room: int, layer: int, prefix: int, depth: int,
@@ -203,7 +213,8 @@ def describe(plan: Plan, cfg: ModelConfig, name: str) -> str:
            f"{' and min' if plan.quant == 'int4' else ''}; the workspace holds one dequantized layer)"
            if plan.quant != "none" else ""),
         "resident:",
-        f"  KV cache   {fmt_bytes(plan.kv_cache_bytes)}",
+        f"  KV cache   {fmt_bytes(plan.kv_cache_bytes)}"
+        + (f" ({plan.batch_size} sequences of {plan.ctx} tokens)" if plan.batch_size > 1 else ""),
         f"  workspace  {fmt_bytes(plan.workspace_bytes)}",
         f"  lm_head    {fmt_bytes(plan.lm_head_bytes or plan.embed_bytes)}"
         f"{' (tied to the embeddings)' if not plan.lm_head_bytes else ''}",
@@ -215,12 +226,18 @@ def describe(plan: Plan, cfg: ModelConfig, name: str) -> str:
           if plan.prefix_layers else []),
         f"  total      {fmt_bytes(plan.device_bytes)}",
         f"streamed     {len(plan.streamed_layers)} layers from host memory ({fmt_bytes(plan.host_bytes)} host store)",
-        f"full pass    {fmt_bytes(plan.link_bytes['full_pass'])} cross the link (a dense token)",
-        *([f"sparse step  {fmt_bytes(plan.link_bytes['sparse_step'])} cross the link"] if plan.sparsity > 0 else []),
+        f"full pass    {fmt_bytes(plan.link_bytes['full_pass'])} cross the link (a dense token)"
+        + _per_sequence(plan.link_bytes["full_pass"], plan.batch_size),
+        *([f"sparse step  {fmt_bytes(plan.link_bytes['sparse_step'])} cross the link"
+           + _per_sequence(plan.link_bytes["sparse_step"], plan.batch_size)] if plan.sparsity > 0 else []),
     ]
     if plan.problems:
         rows.append("DOES NOT FIT: " + "; ".join(plan.problems))
     return "\n".join(rows)
+
+
+def _per_sequence(nbytes: int, batch: int) -> str:
+    return f"; {fmt_bytes(nbytes // batch)} per token of a batch of {batch}" if batch > 1 else ""
 
 
 SCHEDULES = ("serial", "pipelined")
