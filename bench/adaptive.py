@@ -57,7 +57,7 @@ def auc(scores: list[float], labels: list[bool]) -> float:
 
 
 def signal_study(prompts, sparsity: float, new_tokens: int) -> dict[str, float]:
-    engine = ferry.load(device="cpu", ctx=512, progress=False, reuse_prefix=False, sparsity=sparsity, period="auto",
+    engine = ferry.load(device="cpu", ctx=512, progress=False, reuse_prefix=False, quant="none", sparsity=sparsity, period="auto",
                         max_period=16, draft_confidence=0.0)
     recorder = Recorder()
     engine.runtime.tuner = recorder
@@ -96,7 +96,7 @@ def evaluate(engine, dense, prompts, reference, new_tokens):
 
 
 def streamed_speed(options, prompts, new_tokens, link_gbps, gpu_memory) -> float:
-    engine = ferry.load(device="cpu", ctx=512, progress=False, reuse_prefix=False, gpu_memory=gpu_memory, emulate_link_gbps=link_gbps, **options)
+    engine = ferry.load(device="cpu", ctx=512, progress=False, reuse_prefix=False, quant="none", gpu_memory=gpu_memory, emulate_link_gbps=link_gbps, **options)
     times = []
     for prompt in prompts:
         r = engine.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)
@@ -120,7 +120,7 @@ def main() -> None:
     print(f"signal study (sparsity 0.3, K=16, {study['drafts']} checked drafts, "
           f"{study['kept_fraction']:.2f} kept): ROC AUC prob {study['prob']:.3f}, "
           f"margin {study['margin']:.3f}, entropy {study['entropy']:.3f}", flush=True)
-    dense = ferry.load(device="cpu", ctx=512, progress=False, reuse_prefix=False)
+    dense = ferry.load(device="cpu", ctx=512, progress=False, reuse_prefix=False, quant="none")
     reference = [dense.generate(p, max_new_tokens=args.new_tokens).token_ids for p in prompts]
     base = evaluate(dense, dense, prompts, reference, args.new_tokens)
     dense_speed = streamed_speed({}, prompts[: args.speed_prompts], args.new_tokens, args.link_gbps, args.gpu_memory)
@@ -141,7 +141,7 @@ def main() -> None:
         for name, options in ((f"s={s} K=8", dict(period=8)), (f"s={s} K=16", dict(period=16)),
                               (f"s={s} auto", dict(period="auto"))):
             options = dict(sparsity=s, **options)
-            engine = ferry.load(device="cpu", ctx=512, progress=False, reuse_prefix=False, **options)
+            engine = ferry.load(device="cpu", ctx=512, progress=False, reuse_prefix=False, quant="none", **options)
             row = {"config": name, **options, **evaluate(engine, dense, prompts, reference, args.new_tokens)}
             row["s_per_token"] = streamed_speed(options, prompts[: args.speed_prompts], args.new_tokens,
                                                 args.link_gbps, args.gpu_memory)

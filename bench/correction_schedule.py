@@ -77,14 +77,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    probe = ferry.load(device="cpu", ctx=256, progress=False, reuse_prefix=False, sparsity=args.sparsity, mode="sparse")
+    probe = ferry.load(device="cpu", ctx=256, progress=False, reuse_prefix=False, quant="none", sparsity=args.sparsity, mode="sparse")
     step_s = sparse_step_seconds(probe)
     stream_budget, prefix_budget = budgets(probe, args.sparsity)
     full_bytes = probe.model.num_layers * probe.plan.layer_bytes
     probe.close()
     gbps = full_bytes / (args.ratio * step_s) / 1e9
     # All layers stream; with room for every layer's selected rows beside the slots.
-    common = dict(device="cpu", ctx=256, progress=False, reuse_prefix=False, emulate_link_gbps=gbps)
+    common = dict(device="cpu", ctx=256, progress=False, reuse_prefix=False, quant="none", emulate_link_gbps=gbps)
     sirius = dict(common, sparsity=args.sparsity, period=args.period)
     engines = {
         "dense streaming": ferry.load(**common, gpu_memory=stream_budget),

@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    common = dict(device="cpu", ctx=256, progress=False, reuse_prefix=False)
+    common = dict(device="cpu", ctx=256, progress=False, reuse_prefix=False, quant="none")
     engines = {
         "resident": ferry.load(**common),
         "serial": ferry.load(**common, gpu_memory=args.gpu_memory, emulate_link_gbps=args.link_gbps,

@@ -52,7 +52,7 @@ def main() -> None:
     configs += [(f"sparse s={s}", dict(sparsity=s, mode="sparse")) for s in args.sparsities]
     configs += [(f"sirius s={s} K={k} t={t}", dict(sparsity=s, period=k, threshold=t))
                 for s in args.sparsities for k in args.periods for t in args.thresholds]
-    common = dict(dtype=args.dtype, device="cpu", ctx=512, progress=False, reuse_prefix=False)
+    common = dict(dtype=args.dtype, device="cpu", ctx=512, progress=False, reuse_prefix=False, quant="none")
     dense = ferry.load(**common)
     reference = [dense.generate(p, max_new_tokens=args.new_tokens).token_ids for p in prompts]
     results = []

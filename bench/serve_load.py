@@ -39,7 +39,7 @@ PROMPTS = [json.loads(line)["prompt"] for line in (Path(__file__).parent / "prom
 
 
 def start_server(model: str | None, extra: list[str]) -> tuple[subprocess.Popen, str, int]:
-    argv = [sys.executable, "-m", "ferry", "serve", "--port", "0", "--device", "cpu", *extra]
+    argv = [sys.executable, "-m", "ferry", "serve", "--port", "0", "--device", "cpu", "--quant", "none", *extra]
     if model:
         argv += ["--model", model]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -164,7 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     proc, host, port = start_server(args.model, args.serve_flags)
     try:
-        engine = ferry.load(args.model, device="cpu", progress=False)
+        engine = ferry.load(args.model, device="cpu", progress=False, quant="none")
         over = overhead(engine, host, port, args.runs, args.new_tokens)
         engine.close()
         busy = load(host, port, args.clients, args.requests, args.load_tokens)

@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16, help="new tokens per prompt")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     args = parser.parse_args()
-    engine = ferry.load(dtype=args.dtype, device="cpu", progress=False, reuse_prefix=False,
+    engine = ferry.load(dtype=args.dtype, device="cpu", progress=False, reuse_prefix=False, quant="none",
                         ctx=args.tokens + 256)
     engine.generate("Warm up.", max_new_tokens=4)
     loaded = rss()
