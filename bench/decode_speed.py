@@ -1,22 +1,35 @@
-"""Dense decode speed: ferry vs transformers' generate on the embedded default model.
+"""Decode speed: ferry vs transformers' generate on the embedded default model, dense and sparse.
 
 Same process, same dtype, same prompt, greedy, fixed length (end-of-sequence ignored); runs are
-interleaved so machine noise hits both alike. Prints a table, then one JSON line.
+interleaved so machine noise hits all alike. Besides dense ferry and transformers it times ferry
+with every step sparse (Griffin, `--sparsity`, mode="sparse"): the step-rate ratio sparse/dense
+against its ceiling 1/d_sparse (the fraction of parameters a sparse step reads), and how long
+the sparse greedy tokens stay identical to the dense ones. Prints a table, then one JSON line.
 
-    python bench/decode_speed.py [--runs 7] [--new-tokens 64] [--dtype bf16]
+`--attention` instead times decode attention alone at the model's shapes (9 query heads over 3
+KV heads, head_dim 64; S = 1, and S = 16 with its causal mask as in the correction pass): SDPA
+against `ferry.kernels.attention.attend_manual`, interleaved, per call.
+
+    python bench/decode_speed.py [--runs 7] [--new-tokens 64] [--dtype bf16] [--sparsity 0.5]
+    python bench/decode_speed.py --attention [--runs 7] [--dtype bf16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 import ferry
+from ferry.kernels.attention import attend_manual
+from ferry.offload.accounting import d_sparse
+from ferry.offload.sources import default_model_gguf
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -37,15 +50,65 @@ def time_hf(model, ids: torch.Tensor, n: int) -> tuple[float, list[int]]:
 
 
 def load_pair(dtype_name: str):
-    """ferry and transformers on the default model, same dtype; and the prompt's ids."""
+    """ferry and transformers on the default model, same dtype, same dense weights; the prompt's ids.
+
+    Both read the packaged GGUF dequantized to `dtype`: ferry's converted folder holds its own
+    int4 form, which transformers cannot read (it would run random weights), and ferry would
+    keep int4 by default (quant "auto"), so it is told "none"."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    engine = ferry.load(dtype=dtype_name, device="cpu", progress=False, reuse_prefix=False)
-    hf = AutoModelForCausalLM.from_pretrained(engine.runtime.folder, dtype=dtype).eval()
+    engine = ferry.load(dtype=dtype_name, device="cpu", progress=False, reuse_prefix=False, quant="none")
+    gguf = default_model_gguf()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype).eval()
     return engine, hf, torch.tensor([engine.encode(PROMPT)])
+
+
+def attention_inputs(s: int, keys: int, dtype: torch.dtype):
+    """q [3, 3 S, 64] and k/v slices of a cache, as forward.attention passes them; causal mask."""
+    q = torch.randn(9, s, 64).to(dtype).reshape(3, 3 * s, 64)
+    k_cache, v_cache = (torch.randn(3, 2048, 64).to(dtype) for _ in range(2))
+    mask = None
+    if s > 1:
+        mask = (torch.arange(keys)[None] <= torch.arange(keys - s, keys)[:, None]).repeat(3, 1)
+    return q, k_cache[:, :keys], v_cache[:, :keys], mask
+
+
+def time_attention(runs: int, dtype: torch.dtype) -> list[dict]:
+    """Microseconds per call, SDPA and manual interleaved; median over runs of a batch of calls."""
+    sdpa = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.125)  # noqa: E731
+    manual = lambda q, k, v, m: attend_manual(q, k, v, 0.125, m)  # noqa: E731
+    rows = []
+    for s, keys in [(1, 64), (1, 256), (1, 1024), (16, 80), (16, 256), (16, 1024)]:
+        args = attention_inputs(s, keys, dtype)
+        calls = max(20, 4000 // (s * keys // 64 + 1))
+        times: dict[str, list[float]] = {"sdpa": [], "manual": []}
+        for run in range(runs + 1):  # run 0 warms up
+            for name, fn in (("sdpa", sdpa), ("manual", manual))[:: 1 if run % 2 else -1]:
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn(*args)
+                if run:
+                    times[name].append((time.perf_counter() - t0) / calls * 1e6)
+        a, b = statistics.median(times["sdpa"]), statistics.median(times["manual"])
+        rows.append({"s": s, "keys": keys, "sdpa_us": round(a, 1), "manual_us": round(b, 1), "speedup": round(a / b, 2)})
+    return rows
+
+
+def attention_main(args) -> None:
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    rows = time_attention(args.runs, dtype)
+    print(f"decode attention, {args.dtype}, 3 KV heads x 3 queries, head_dim 64, CPU "
+          f"({torch.get_num_threads()} threads), median of {args.runs} interleaved runs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'S':>3}{'keys':>6}{'SDPA us':>10}{'manual us':>11}{'SDPA/manual':>13}")
+    for r in rows:
+        print(f"{r['s']:3}{r['keys']:6}{r['sdpa_us']:10.1f}{r['manual_us']:11.1f}{r['speedup']:13.2f}")
+    print(json.dumps({"bench": "decode_attention", "dtype": args.dtype, "device": "cpu",
+                      "threads": torch.get_num_threads(), "runs": args.runs,
+                      "load_average": round(os.getloadavg()[0], 2), "rows": rows}))
 
 
 def main() -> None:
@@ -53,15 +116,25 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--attention", action="store_true", help="time decode attention alone")
     args = parser.parse_args()
+    if args.attention:
+        return attention_main(args)
     engine, hf, ids = load_pair(args.dtype)
+    sparse = ferry.load(dtype=args.dtype, device="cpu", progress=False, reuse_prefix=False, quant="none",
+                        sparsity=args.sparsity, mode="sparse")
     n = args.new_tokens
-    time_ferry(engine, n), time_hf(hf, ids, n)  # warm-up: first-call costs out of the figures
-    ferry_total, ferry_decode, hf_total, hf_decode = [], [], [], []
+    time_ferry(engine, n), time_hf(hf, ids, n), time_ferry(sparse, n)  # warm-up: first-call costs out
+    density = d_sparse(sparse.model, args.sparsity, "griffin")
+    ferry_total, ferry_decode, hf_total, hf_decode, sparse_decode = [], [], [], [], []
     for run in range(args.runs):
-        order = ("ferry", "hf") if run % 2 == 0 else ("hf", "ferry")
+        order = ("ferry", "hf", "sparse") if run % 2 == 0 else ("sparse", "hf", "ferry")
         for who in order:
-            if who == "ferry":
+            if who == "sparse":
+                _, rate, sparse_ids = time_ferry(sparse, n)
+                sparse_decode.append(rate)
+            elif who == "ferry":
                 total, rate, ferry_ids = time_ferry(engine, n)
                 ferry_total.append(total)
                 ferry_decode.append(rate)
@@ -73,6 +146,10 @@ def main() -> None:
     agree = next((i for i, (a, b) in enumerate(zip(ferry_ids, hf_ids)) if a != b), n)
     f_tps, h_tps = n / statistics.median(ferry_total), n / statistics.median(hf_total)
     f_dec, h_dec = statistics.median(ferry_decode), statistics.median(hf_decode)
+    s_dec = statistics.median(sparse_decode)
+    # Per run, so both rates of a pair saw the same moment's load.
+    sparse_ratio = statistics.median(s / d for s, d in zip(sparse_decode, ferry_decode))
+    sparse_agree = next((i for i, (a, b) in enumerate(zip(sparse_ids, ferry_ids)) if a != b), n)
     print(f"SmolLM2-135M-Instruct, {args.dtype}, CPU ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads), {n} new tokens, median of {args.runs} interleaved runs")
     print(f"{'':14}{'end-to-end tok/s':>18}{'decode tok/s':>14}")
@@ -80,6 +157,12 @@ def main() -> None:
     print(f"{'transformers':14}{h_tps:18.1f}{h_dec:14.1f}")
     print(f"{'ratio':14}{f_tps / h_tps:18.2f}{f_dec / h_dec:14.2f}")
     print(f"greedy tokens identical for the first {agree} of {n}")
+    print(f"ferry sparse (griffin, sparsity {args.sparsity}, every step): d_sparse {density:.3f}, "
+          f"ceiling 1/d_sparse = {1 / density:.2f}x")
+    print(f"{'ferry sparse':14}{'':18}{s_dec:14.1f}")
+    print(f"{'sparse/dense':14}{'':18}{sparse_ratio:14.2f}  (median of per-run ratios)")
+    print(f"sparse greedy tokens identical to dense for the first {sparse_agree} of {n}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(json.dumps({
         "bench": "decode_speed", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype, "device": "cpu",
         "threads": torch.get_num_threads(), "new_tokens": n, "runs": args.runs,
@@ -87,6 +170,9 @@ def main() -> None:
         "ferry_decode_tokens_per_s": round(f_dec, 2), "transformers_decode_tokens_per_s": round(h_dec, 2),
         "ratio_end_to_end": round(f_tps / h_tps, 3), "ratio_decode": round(f_dec / h_dec, 3),
         "greedy_agreement_tokens": agree,
+        "sparsity": args.sparsity, "d_sparse": round(density, 4), "sparse_ceiling": round(1 / density, 3),
+        "ferry_sparse_decode_tokens_per_s": round(s_dec, 2), "ratio_sparse_dense_decode": round(sparse_ratio, 3),
+        "sparse_dense_agreement_tokens": sparse_agree, "load_average": round(os.getloadavg()[0], 2),
     }))
 
 

@@ -15,6 +15,7 @@ from typing import Callable, Generator
 import torch
 import torch.nn.functional as F
 
+from ferry.kernels.attention import attend
 from ferry.kernels.reference import apply_rope, bundled_mlp, rms_norm
 from ferry.model.config import ModelConfig
 from ferry.model.weights import LayerWeights, ModelWeights
@@ -82,9 +83,7 @@ def _attend(cfg: ModelConfig, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache:
     mask = None
     if s > 1:
         mask = attention_mask(start, s, lo, window, qkv.device).repeat(group, 1)  # [group S, keys]
-    out = F.scaled_dot_product_attention(
-        q, k_cache[:, lo:end], v_cache[:, lo:end], attn_mask=mask, scale=cfg.attention_scale
-    )  # [kv_heads, group S, head_dim]
+    out = attend(q, k_cache[:, lo:end], v_cache[:, lo:end], cfg.attention_scale, mask)  # [kv_heads, group S, head_dim]
     return out.view(cfg.num_heads, s, cfg.head_dim).transpose(0, 1).reshape(s, cfg.q_size)
 
 
