@@ -11,8 +11,10 @@ together. Reported per mode and B:
 - predicted tokens/s: B / max(link time of a pass, resident compute time of that pass) per step,
   the pipelined schedule's model with the measured resident compute (for Sirius: per round of
   K-1 sparse steps and one full pass, with the measured tokens per round);
-- for Sirius, the greedy agreement of each sequence with its dense output alone (the aggregated
-  Griffin selection's quality) and the tokens committed per full pass.
+- for Sirius, the greedy agreement of each sequence with its dense output alone and the tokens
+  committed per full pass;
+- the aggregated Griffin selection's own quality: sparse-only decoding (no correction) in a
+  batch of B against each prompt selecting alone, at sparsity 0.5 and 0.3 (a larger kept set).
 
     python bench/batch_speed.py [--link-gbps 2] [--batches 1 2 4 8 16] [--new-tokens 32] [--modes dense sirius]
 
@@ -94,6 +96,29 @@ def measure(mode: str, batches: list[int], prompts: list[str], args) -> list[dic
     return rows
 
 
+def selection_quality(batches: list[int], prompts: list[str], args) -> list[dict]:
+    """Griffin on a batch: greedy agreement with dense of sparse-only decoding (no correction,
+    so the selection alone decides) when the kept neurons come from the batch's summed scores,
+    against each prompt choosing its own (alone), at sparsities 0.5 and 0.3."""
+    common = dict(device="cpu", dtype="bf16", ctx=160, progress=False, reuse_prefix=False, quant="none")
+    dense = ferry.load(**common)
+    reference = {p: dense.generate(p, max_new_tokens=args.new_tokens, ignore_eos=True).token_ids
+                 for p in prompts[:max(batches)]}
+    rows = []
+    for sparsity in (0.5, 0.3):
+        engine = ferry.load(**common, sparsity=sparsity, mode="sparse", batch_size=max(batches))
+        alone_each = [agreement(engine.generate(p, max_new_tokens=args.new_tokens, ignore_eos=True).token_ids,
+                                reference[p]) for p in prompts[:max(batches)]]
+        for b in batches:
+            got = engine.generate_batch(prompts[:b], max_new_tokens=args.new_tokens, ignore_eos=True, batch_size=b)
+            batch = statistics.mean(agreement(g.token_ids, reference[p]) for g, p in zip(got, prompts))
+            alone = statistics.mean(alone_each[:b])
+            rows.append({"sparsity": sparsity, "batch": b, "agreement_batch": batch, "agreement_alone": alone})
+            print(f"sparse {sparsity:4}{b:6}{batch:10.2f}{alone:10.2f}", flush=True)
+        engine.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--link-gbps", type=float, default=2.0)
@@ -108,8 +133,12 @@ def main() -> None:
     print(f"{'mode':7}{'batch':>6}{'tok/s':>10}{'vs B=1':>9}{'predicted':>11}{'resident':>11}"
           + (f"{'AAL':>7}{'agree':>8}" if "sirius" in args.modes else ""))
     rows = [row for mode in args.modes for row in measure(mode, args.batches, prompts, args)]
+    print("Griffin on a batch, sparse steps only: greedy agreement with dense, mean over the batch "
+          "(the first B prompts) / over the same prompts each selecting alone")
+    print(f"{'sparsity':11}{'batch':>6}{'batch':>10}{'alone':>10}")
+    quality = selection_quality(args.batches, prompts, args)
     print(json.dumps({"bench": "batch_speed", "link_gbps": args.link_gbps, "new_tokens": args.new_tokens,
-                      "rows": rows}))
+                      "rows": rows, "selection": quality}))
 
 
 if __name__ == "__main__":
