@@ -6,6 +6,7 @@ thresholds, GGUF conversions), and GGUF files ferry must refuse clearly or read 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -185,18 +186,18 @@ def test_partial_files_are_exclusive_and_never_follow_a_planted_symlink(tmp_path
 
 
 # --- cache keys -------------------------------------------------------------------------------
-def test_cache_keys_follow_group_size_mtime_and_version(tiny_model_dir, tmp_path, monkeypatch):
+def test_cache_keys_follow_group_size_fitting_mtime_and_version(tiny_model_dir, tmp_path, monkeypatch):
     folder = Path(shutil.copytree(tiny_model_dir("llama3"), tmp_path / "model"))
-    cfg = open_checkpoint(folder).config
+    q = QuantLayout.for_config(open_checkpoint(folder).config, QuantConfig("int4"))
 
     def keys():
         checkpoint = open_checkpoint(folder)
-        quant = [quant_store.cache_file(checkpoint, QuantLayout.for_config(cfg, QuantConfig("int4", group_size=g)), True)
-                 for g in (32, 64)]
-        return quant[0], quant[1], calibration_file(folder, torch.float32, "int4")
+        quant = [quant_store.cache_file(checkpoint, layout, fit)
+                 for layout, fit in ((q, True), (dataclasses.replace(q, group=64), True), (q, False))]
+        return (*quant, calibration_file(folder, torch.float32, "int4"))
 
     before = keys()
-    assert before[0] != before[1]  # group size
+    assert len(set(before[:3])) == 3  # group size, fitting
     shard = folder / "model.safetensors"
     st = shard.stat()
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
@@ -338,9 +339,9 @@ def test_gguf_cache_key_follows_mtime_and_version(llama31_gguf, cache, monkeypat
     assert [p for p in (cache / "gguf").iterdir()] == [again]
 
 
-def test_cats_cache_follows_the_quantization_group(tiny_model_dir, cache):
+def test_cats_cache_follows_the_quantized_weights(tiny_model_dir, cache):
     folder = tiny_model_dir("llama3")
     options = dict(**COMMON, sparsity=0.5, mode="sparse", sparse_method="cats", quant="int4")
-    ferry.load(folder, **options, quant_group=32)
-    ferry.load(folder, **options, quant_group=64)
+    ferry.load(folder, **options)
+    ferry.load(folder, **options, quant_fit=False)
     assert len(list((cache / "cats").iterdir())) == 2

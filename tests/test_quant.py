@@ -17,7 +17,8 @@ from ferry.kernels import quant as kq
 from ferry.kernels.quant_fit import fit_groups, quantize_rows
 from ferry.kernels.gather import gather_rows
 from ferry.model.config import ModelConfig
-from ferry.model.quant import (QuantConfig, QuantLayout, dequantize_layer, group_for, quantize_layer)
+from ferry.model.quant import (QuantConfig, QuantLayout, dequantize_down, dequantize_layer, group_for,
+                               quantize_layer, write_down)
 from ferry.model.weights import LayerLayout
 from ferry.offload.checkpoint import load_hf_config
 from ferry.offload.planner import make_plan
@@ -117,17 +118,36 @@ def test_unquantizable_weights_are_named(bad):
 def test_dequantize_backends_equal_the_reference_on_strided_records(bits, dtype, parallel, monkeypatch):
     """Records interleave codes, scales and mins, so the backends see strided views, as in the executor."""
     monkeypatch.setattr(kq, "PARALLEL_MIN_VALUES", 0 if parallel else 1 << 40)
-    cfg = model_config(192, 3, 1, 40)
+    cfg = model_config(192, 3, 1, 64)
     q = QuantLayout.for_config(cfg, QuantConfig(f"int{bits}", group_size=64))
     buf = torch.zeros(q.numel, dtype=torch.uint8)
     quantize_layer(q, random_layer(cfg), buf)
-    parts = q.mlp_records(buf, 0, 40)
+    codes, scales, mins, _ = q.mlp_records(buf, 0, 40)
+    parts = (codes[:, :2], scales, mins)  # gate and up rows (down goes through the group table)
     want = kq.dequantize_reference(*parts, bits, dtype)
-    out = torch.full((40, 3, 192), 7.0, dtype=dtype)
+    out = torch.full((40, 2, 192), 7.0, dtype=dtype)
     torch.testing.assert_close(kq.dequantize_into(*parts, bits, out), want, atol=0, rtol=0)
     if dtype != torch.float16:  # numba: bf16 and fp32 only (fp16 takes the torch path)
         out.fill_(7.0)
         torch.testing.assert_close(kq.dequantize_numba(*parts, bits, out), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_down_columns_are_the_checkpoint_groups_across_neurons(bits):
+    """down_proj [H, I] keeps groups along I: the dequantized down columns equal the Grouped's
+    own dequantization, read through each record's checkpoint index, in any neuron order."""
+    cfg = model_config(192, 3, 1, 128)
+    q = QuantLayout.for_config(cfg, QuantConfig(f"int{bits}"))
+    down = fit_groups(weights_like_a_model(192, 128), bits, 32)
+    buf = torch.zeros(q.numel, dtype=torch.uint8)
+    write_down(q, buf, down)
+    order = torch.randperm(128, generator=torch.Generator().manual_seed(2))
+    records = buf[q.mlp_offset:].view(128, q.row_numel)
+    records.copy_(records.clone()[order])
+    codes, _, _, index = q.mlp_records(buf, 0, 128)
+    index.copy_(order.to(torch.int32))  # what write_records stores, gathered with the records
+    got = dequantize_down(codes[:, 2], index, q.down_groups(buf), bits, q.group, torch.empty(128, 192))
+    torch.testing.assert_close(got, down.dequantize().t()[order], atol=0, rtol=0)
 
 
 # --- the layer layout -------------------------------------------------------------------------
@@ -205,11 +225,13 @@ def test_layer_bytes_of_a_70b_layer():
     for method, per_value, per_group in (("int8", 1.0, 2), ("int4", 0.5, 4)):
         q = QuantLayout.for_config(cfg, QuantConfig(method))
         row = int(h * per_value) + per_group * h // 32  # codes + fp16 scales (+ mins), groups of 32
-        attention = 4 * h + qkv * row + h * row + 4 * h  # norms stay fp32
+        table = inter // 32 * h * per_group  # down_proj's groups across neurons
+        attention = 4 * h + qkv * row + h * row + 4 * h + table  # norms stay fp32
         assert q.mlp_offset == attention  # every section is already 16-byte aligned here
-        assert q.row_numel == 3 * row
-        assert q.numel == attention + inter * 3 * row
-        assert q.prefix_numel(100) == attention + 100 * 3 * row
+        record = 3 * int(h * per_value) + 2 * per_group * h // 32 + 4  # codes, gate/up groups, index
+        assert q.row_numel == record
+        assert q.numel == attention + inter * record
+        assert q.prefix_numel(100) == attention + 100 * record
 
 
 # --- the planner ------------------------------------------------------------------------------
@@ -246,7 +268,7 @@ def test_plan_cli_with_quant(capsys):
 # --- the engine, end to end ---------------------------------------------------------------------
 def fake_quantized_copy(src: Path, dst: Path, bits: int, group: int) -> Path:
     """The checkpoint with every layer weight replaced by its quantize-dequantize round trip (fp32),
-    rows taken as the host store lays them out (down projection by columns)."""
+    groups along each weight's input dimension, as the host store keeps them."""
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
@@ -254,9 +276,7 @@ def fake_quantized_copy(src: Path, dst: Path, bits: int, group: int) -> Path:
         tensors = load_file(file)
         for name, t in tensors.items():
             if ".layers." in name and name.endswith("proj.weight"):
-                rows = t.t() if "down_proj" in name else t
-                back = fit_groups(rows, bits, group).dequantize()
-                tensors[name] = (back.t() if "down_proj" in name else back).contiguous()
+                tensors[name] = fit_groups(t, bits, group).dequantize().contiguous()
         save_file(tensors, str(file), metadata={"format": "pt"})
     return dst
 
@@ -281,7 +301,8 @@ def budget(folder, quant: QuantConfig, resident: int, depth: int = 2, prefixes: 
 def test_quantized_model_computes_with_its_dequantized_weights(method, group, family, tiny_model_dir, tmp_path):
     folder = tiny_model_dir(family)
     quant = QuantConfig(method, group_size=group)
-    reference = ferry.load(fake_quantized_copy(folder, tmp_path / "fake", quant.bits, min(group, 64)),
+    layout_group = group_for(ModelConfig.from_hf(load_hf_config(folder)), quant)
+    reference = ferry.load(fake_quantized_copy(folder, tmp_path / "fake", quant.bits, layout_group),
                            dtype="fp32", ctx=64, progress=False)
     plain = ferry.load(folder, dtype="fp32", ctx=64, progress=False)
     engines = {

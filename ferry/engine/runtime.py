@@ -143,9 +143,11 @@ def plan_for(config: FerryConfig, model: ModelConfig, device: str, dtype_bytes: 
 
 
 def weight_variant(config: FerryConfig, plan: Plan) -> str:
-    """What, beyond the checkpoint and dtype, makes these weights these: the quantization and the
-    group size in use (CATS thresholds are calibrated on them)."""
-    return "none" if not config.quant.enabled else f"{config.quant.method}-g{plan.quant_group}"
+    """What, beyond the checkpoint and dtype, makes these weights these: the quantization, the
+    group size in use and fitting (CATS thresholds are calibrated on them)."""
+    if not config.quant.enabled:
+        return "none"
+    return f"{config.quant.method}-g{plan.quant_group}{'' if config.quant.fit else '-plain'}"
 
 
 def make_tuner(config: FerryConfig, plan: Plan, model: ModelConfig) -> ConfidenceTuner | None:

@@ -9,17 +9,24 @@ Byte layout of a layer (every section starts on a 16-byte boundary):
 - attention, in `LayerLayout.shapes` order: vectors (norms, q/k/v bias) as fp32 values;
   matrices (qkv [q + 2 kv, H], o [H, q]) as all rows' codes [R, C * bits / 8], then all rows'
   fp16 scales [R, C / group], then (int4) all rows' fp16 mins [R, C / group];
+- `down_groups`: down_proj's fp16 scales (then mins) [I / group, H]: down_proj [H, I] is
+  quantized in groups along I, across neurons, as every source stores it (GGUF, AWQ, GPTQ);
 - the MLP: one fixed-size record per neuron, in neuron order: the codes of its gate row, up row
-  and down column [3, H * bits / 8], then their scales [3, H / group], then (int4) their mins.
+  and down column [3, H * bits / 8], then the gate and up rows' scales [2, H / group], then
+  (int4) their mins, then the neuron's index in the checkpoint (int32), which names its down
+  group.
 
-Neurons 0..k-1 are therefore a byte prefix of the layer: a sparse step's fetch is one
-contiguous copy, resident prefixes work as before, and Griffin's reorder is a row gather of
-whole records. The layout exposes the interface the executor and the planner use for
-unquantized layers (`numel`, `prefix_numel`, `mlp_offset`, `row_numel`), counted in bytes.
+Neurons 0..k-1 are therefore a byte prefix of the layer (the down group table is in the
+attention part, which every pass reads): a sparse step's fetch is one contiguous copy, resident
+prefixes work as before, and Griffin's reorder is a row gather of whole records, the index
+travelling with its neuron. The layout exposes the interface the executor and the planner use
+for unquantized layers (`numel`, `prefix_numel`, `mlp_offset`, `row_numel`), counted in bytes.
 
-A neuron's down column runs across down_proj's rows, so a source whose groups run along
-down_proj's input dimension (GGUF, AWQ, GPTQ) cannot keep its down bits in a record: down is
-dequantized and quantized again per neuron (see docs/quantization.md for the measured cost).
+Keeping down_proj's groups across neurons is what lets a quantized source keep every matrix
+exactly, down included (a layout with per-neuron down groups had to quantize down a second time,
+measured at +8.1% NLL on the default model). It costs a sparse step the table's rows of the
+neurons it skips (1/8 byte per down weight at groups of 32), and dequantizing a down column
+gathers its group's scales.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from functools import partial
 import torch
 
 from ferry.errors import SettingError
-from ferry.kernels.quant import Grouped, dequantize
+from ferry.kernels.quant import Grouped, dequantize, pack_int4, unpack_int4
 from ferry.kernels.quant_fit import fit_groups
 from ferry.model.config import ModelConfig
 from ferry.model.weights import LayerLayout
@@ -84,9 +91,9 @@ class QuantConfig:
 
 def group_for(cfg: ModelConfig, quant: QuantConfig) -> int:
     """The group size for this model: the largest multiple of 8, at most quant.group_size and at
-    least 32, dividing every stored row (qkv, gate, up rows and down columns have H values, o rows
-    have q)."""
-    rows = {cfg.hidden_size, cfg.q_size}
+    least 32, dividing every stored row (qkv, gate and up rows have H values, o rows q, down rows
+    I)."""
+    rows = {cfg.hidden_size, cfg.q_size, cfg.intermediate_size}
     for g in range(quant.group_size, MIN_GROUP - 1, -GROUP_STEP):
         if all(n % g == 0 for n in rows):
             return g
@@ -113,7 +120,7 @@ class QuantLayout:
     base: LayerLayout
     bits: int
     group: int
-    sections: tuple[Section, ...]  # the attention part, in base.shapes order
+    sections: tuple[Section, ...]  # the attention part, in base.shapes order, then "down_groups"
     mlp_offset: int  # bytes before the first neuron record
 
     @classmethod
@@ -124,7 +131,10 @@ class QuantLayout:
             size = 4 * shape[0] if len(shape) == 1 else shape[0] * row_bytes(shape[1], bits, group)
             sections.append(Section(name, shape, offset, size))
             offset = _aligned(offset + size)
-        return cls(base, bits, group, tuple(sections), offset)
+        # down_proj's scales (and mins): groups of `group` neurons per hidden row, group-major
+        table = (cfg.intermediate_size // group, cfg.hidden_size)
+        sections.append(Section("down_groups", table, offset, table[0] * table[1] * (2 if bits == 8 else 4)))
+        return cls(base, bits, group, tuple(sections), _aligned(offset + sections[-1].size))
 
     @property
     def intermediate_size(self) -> int:
@@ -136,8 +146,10 @@ class QuantLayout:
 
     @property
     def row_numel(self) -> int:
-        """Bytes of one neuron record (gate, up, down column with their scales and mins)."""
-        return 3 * row_bytes(self.hidden_size, self.bits, self.group)
+        """Bytes of one neuron record: gate, up and down codes, gate and up scales (and mins),
+        and the neuron's index in the checkpoint (which down group it belongs to)."""
+        h = self.hidden_size
+        return 3 * h * self.bits // 8 + 2 * (h // self.group) * (2 if self.bits == 8 else 4) + 4
 
     def prefix_numel(self, rows: int) -> int:
         """Bytes of the attention part plus the first `rows` neuron records."""
@@ -156,9 +168,22 @@ class QuantLayout:
         codes, scales, mins = self._cut(flat[sec.offset:sec.offset + sec.size].view(1, -1), r, c)
         return codes[0], scales[0], None if mins is None else mins[0]
 
+    def down_groups(self, flat: torch.Tensor) -> tuple:
+        """(scales fp16 [I / group, H], mins or None): down_proj's groups, for every neuron."""
+        sec = self.section("down_groups")
+        raw = flat[sec.offset:sec.offset + sec.size].view(torch.float16).view(2 if self.bits == 4 else 1, *sec.shape)
+        return raw[0], raw[1] if self.bits == 4 else None
+
     def records(self, raw: torch.Tensor, n: int) -> tuple:
-        """(codes [n, 3, Hb], scales [n, 3, G], mins [n, 3, G] or None) of n records at raw[0]."""
-        return self._cut(raw[:n * self.row_numel].view(n, self.row_numel), 3, self.hidden_size)
+        """(codes [n, 3, Hb], gate/up scales [n, 2, G], mins [n, 2, G] or None, index int32 [n])
+        of n records at raw[0]."""
+        rec = raw[:n * self.row_numel].view(n, self.row_numel)
+        h = self.hidden_size
+        cb, g = 3 * h * self.bits // 8, h // self.group
+        codes = rec[:, :cb].view(n, 3, -1)
+        scales = rec[:, cb:cb + 4 * g].view(torch.float16).view(n, 2, g)
+        mins = rec[:, cb + 4 * g:cb + 8 * g].view(torch.float16).view(n, 2, g) if self.bits == 4 else None
+        return codes, scales, mins, rec[:, self.row_numel - 4:].view(torch.int32).view(n)
 
     def _cut(self, raw: torch.Tensor, rows: int, c: int) -> tuple:
         """Codes, scales and mins of each of raw's records [N, bytes], each `rows` rows of c values."""
@@ -191,13 +216,27 @@ def write_matrix(q: QuantLayout, out: torch.Tensor, name: str, grouped: Grouped,
     _write((codes[rows], scales[rows], None if mins is None else mins[rows]), grouped)
 
 
-def write_records(q: QuantLayout, out: torch.Tensor, lo: int, parts: tuple[Grouped, Grouped, Grouped]) -> None:
-    """Neurons lo.. of `out` from the gate rows, up rows and down columns of those neurons."""
-    n = parts[0].shape[0]
-    codes, scales, mins = q.mlp_records(out, lo, lo + n)
-    for i, grouped in enumerate(parts):
-        check_grouped(q, grouped, ("gate", "up", "down")[i])
+def write_records(q: QuantLayout, out: torch.Tensor, lo: int, gate: Grouped, up: Grouped) -> None:
+    """Neurons lo.. of `out`: their gate and up rows (down is `write_down`'s)."""
+    n = gate.shape[0]
+    codes, scales, mins, index = q.mlp_records(out, lo, lo + n)
+    for i, grouped in enumerate((gate, up)):
+        check_grouped(q, grouped, ("gate", "up")[i])
         _write((codes[:, i], scales[:, i], None if mins is None else mins[:, i]), grouped)
+    index.copy_(torch.arange(lo, lo + n, dtype=torch.int32))
+
+
+def write_down(q: QuantLayout, out: torch.Tensor, down: Grouped) -> None:
+    """down_proj [H, I], in groups along I (across neurons, as every source stores it): each
+    neuron's codes go to its record, the groups' scales (and mins) to the layer's table."""
+    check_grouped(q, down, "down")
+    codes = q.mlp_records(out, 0, q.intermediate_size)[0][:, 2]
+    columns = down.q.t()  # [I, H]: neuron j's down column
+    codes.copy_(columns.view(torch.uint8) if q.bits == 8 else pack_int4(columns))
+    scales, mins = q.down_groups(out)
+    scales.copy_(down.scale.t())
+    if mins is not None:
+        mins.copy_(down.minimum.t())
 
 
 def check_grouped(q: QuantLayout, grouped: Grouped, what: str) -> None:
@@ -213,6 +252,8 @@ def quantize_layer(q: QuantLayout, full: torch.Tensor, out: torch.Tensor, fit: b
     """Quantize a layer packed in the unquantized layout (`full`, any float dtype) into `out` (uint8)."""
     views = q.base.attention_views(full)
     for sec in q.sections:
+        if sec.name == "down_groups":
+            continue
         src = views[sec.name]
         if len(sec.shape) == 1:
             out[sec.offset:sec.offset + sec.size].view(torch.float32).copy_(src)
@@ -223,31 +264,54 @@ def quantize_layer(q: QuantLayout, full: torch.Tensor, out: torch.Tensor, fit: b
     n = q.intermediate_size
     for lo in range(0, n, QUANT_CHUNK_ROWS):
         bundle = q.base.bundle(full, lo, min(n, lo + QUANT_CHUNK_ROWS))
-        write_records(q, out, lo, tuple(fit_groups(bundle[:, i], q.bits, q.group, fit) for i in range(3)))
+        write_records(q, out, lo, *(fit_groups(bundle[:, i], q.bits, q.group, fit) for i in range(2)))
+    write_down(q, out, fit_groups(q.base.bundle(full, 0, n)[:, 2].t(), q.bits, q.group, fit))
+
+
+def dequantize_down(codes: torch.Tensor, index: torch.Tensor, table: tuple, bits: int, group: int,
+                    out: torch.Tensor) -> torch.Tensor:
+    """Down columns [n, H] of records (codes [n, Hb], checkpoint indices [n]) through the layer's
+    group table: w[j, h] = q * scale[g(j), h] (+ min[g(j), h]) with g(j) = index[j] // group.
+    fp32 math, one rounding (torch; the gather makes [n, H] temporaries)."""
+    rows = index.long() // group
+    q = codes.view(torch.int8) if bits == 8 else unpack_int4(codes)
+    x = q.float() * table[0][rows].float()
+    if table[1] is not None:
+        x += table[1][rows].float()
+    return out.copy_(x)
+
+
+def _mlp_jobs(q: QuantLayout, records: tuple, table: tuple, bundle: torch.Tensor, backend: str) -> list:
+    codes, scales, mins, index = records
+    return [partial(dequantize, codes[:, :2], scales, mins, q.bits, bundle[:, :2], backend),
+            partial(dequantize_down, codes[:, 2], index, table, q.bits, q.group, bundle[:, 2])]
 
 
 def dequantize_jobs(q: QuantLayout, src: torch.Tensor, out: torch.Tensor, rows: int, backend: str) -> list:
     """The steps that bring the attention part and neurons 0..rows-1 of `src` (uint8, layer
     layout, possibly only that prefix) into `out` (compute dtype, unquantized layout): what a pass
-    over `rows` neurons uses. Built once per buffer and pass kind, so running them creates no
-    tensors (the decode loop allocates nothing)."""
+    over `rows` neurons uses. Built once per buffer and pass kind."""
     views = q.base.attention_views(out)
     jobs = []
     for sec in q.sections:
+        if sec.name == "down_groups":
+            continue
         if len(sec.shape) == 1:
             jobs.append(partial(torch.Tensor.copy_, views[sec.name],
                                 src[sec.offset:sec.offset + sec.size].view(torch.float32)))
         else:
             jobs.append(partial(dequantize, *q.matrix(src, sec), q.bits, views[sec.name], backend))
     if rows:
-        jobs.append(partial(dequantize, *q.mlp_records(src, 0, rows), q.bits, q.base.bundle(out, 0, rows), backend))
+        jobs += _mlp_jobs(q, q.mlp_records(src, 0, rows), q.down_groups(src), q.base.bundle(out, 0, rows), backend)
     return jobs
 
 
-def record_jobs(q: QuantLayout, raw: torch.Tensor, out_bundle: torch.Tensor, backend: str) -> list:
-    """Records at the start of `raw` (a slot holding complement rows) into out_bundle [n, 3, H]."""
+def record_jobs(q: QuantLayout, raw: torch.Tensor, layer: torch.Tensor, out_bundle: torch.Tensor,
+                backend: str) -> list:
+    """Records at the start of `raw` (a slot holding complement rows) into out_bundle [n, 3, H];
+    `layer` holds the layer's attention part (its down group table)."""
     n = out_bundle.shape[0]
-    return [partial(dequantize, *q.records(raw, n), q.bits, out_bundle, backend)] if n else []
+    return _mlp_jobs(q, q.records(raw, n), q.down_groups(layer), out_bundle, backend) if n else []
 
 
 def dequantize_layer(q: QuantLayout, src: torch.Tensor, out: torch.Tensor, rows: int, backend: str) -> None:

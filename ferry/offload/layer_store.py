@@ -142,7 +142,8 @@ class LayerStore:
         if layer in self.prefix_buffers:
             jobs = dequantize_jobs(q, self.prefix_buffers[layer], self.work, k, backend)
             if rows > k:  # the complement rows arrived at the start of the slot
-                jobs += record_jobs(q, self.slots.buffers[slot], self.layout.bundle(self.work, k, n), backend)
+                jobs += record_jobs(q, self.slots.buffers[slot], self.prefix_buffers[layer],
+                                    self.layout.bundle(self.work, k, n), backend)
             return jobs
         src = self.resident[layer] if layer in self.resident else self.slots.buffers[slot]
         return dequantize_jobs(q, src, self.work, rows, backend)

@@ -15,7 +15,7 @@ import torch
 from ferry.kernels.quant import Grouped
 from ferry.kernels.quant_fit import fit_groups
 from ferry.model.config import ModelConfig
-from ferry.model.quant import QuantLayout, write_matrix, write_records
+from ferry.model.quant import QuantLayout, write_down, write_matrix, write_records
 from ferry.model.weights import LayerLayout, LayerWeights
 
 # get(name, shape) -> the tensor, checked against shape (TensorReader.get)
@@ -57,28 +57,25 @@ def pack_layer(cfg: ModelConfig, layout: LayerLayout, get: Getter, prefix: str, 
     bundle[:, 2].copy_(read("mlp.down_proj.weight").t())  # down columns become rows
 
 
-QUANT_CHUNK_ROWS = 2048  # neurons quantized at a time (bounds the fp32 temporaries)
-
-
 def pack_quant_layer(cfg: ModelConfig, q: QuantLayout, reader, prefix: str, out: torch.Tensor,
                      fit: bool = True) -> set[str]:
     """One checkpoint layer into its quantized buffer `out` (uint8, `q`'s layout).
 
-    Weights stored in groups that match the layout (`reader.grouped`) are copied as they are;
-    float weights, and grouped ones of another format, are quantized by `fit_groups`. down_proj
-    is always quantized again per neuron (its source groups run across neurons; see
-    `ferry.model.quant`). Returns the names of the other weights whose source groups were not kept."""
+    Weights stored in groups that match the layout (`reader.grouped`) are copied as they are,
+    down_proj included (its groups run along its input dimension in the layout too); float
+    weights, and grouped ones of another format, are quantized by `fit_groups`. Returns the
+    names of the weights whose source groups were not kept."""
     shapes = layer_shapes(cfg)
     redone: set[str] = set()
 
-    def grouped(name: str, rows=slice(None)) -> Grouped:
+    def grouped(name: str) -> Grouped:
         full = prefix + name
         g = reader.grouped(full) if hasattr(reader, "grouped") else None
         if g is not None and g.bits == q.bits and g.group == q.group:
-            return g.rows(rows)
+            return g
         if g is not None:
             redone.add(name)
-        return fit_groups(reader.get(full, shapes[name])[rows], q.bits, q.group, fit)
+        return fit_groups(reader.get(full, shapes[name]), q.bits, q.group, fit)
 
     for sec in q.sections:
         if len(sec.shape) == 1:
@@ -88,13 +85,8 @@ def pack_quant_layer(cfg: ModelConfig, q: QuantLayout, reader, prefix: str, out:
                        (slice(q_rows + kv, q_rows + 2 * kv), "v")):
         write_matrix(q, out, "qkv", grouped(f"self_attn.{name}_proj.weight"), rows)
     write_matrix(q, out, "o", grouped("self_attn.o_proj.weight"))
-    down = reader.get(prefix + "mlp.down_proj.weight", shapes["mlp.down_proj.weight"])
-    n = cfg.intermediate_size
-    for lo in range(0, n, QUANT_CHUNK_ROWS):
-        rows = slice(lo, min(n, lo + QUANT_CHUNK_ROWS))
-        parts = (grouped("mlp.gate_proj.weight", rows), grouped("mlp.up_proj.weight", rows),
-                 fit_groups(down[:, rows].t(), q.bits, q.group, fit))
-        write_records(q, out, lo, parts)
+    write_records(q, out, 0, grouped("mlp.gate_proj.weight"), grouped("mlp.up_proj.weight"))
+    write_down(q, out, grouped("mlp.down_proj.weight"))
     return redone
 
 

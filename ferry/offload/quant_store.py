@@ -34,8 +34,8 @@ from ferry.offload.pack import pack_quant_layer
 from ferry.offload.sources import cache_dir
 from ferry.offload.transfer import host_empty
 
-FORMAT = 3  # bump when the byte layout changes
-MAGIC = b"FERRYQ03"
+FORMAT = 4  # bump when the byte layout changes
+MAGIC = b"FERRYQ04"
 _TAIL = struct.Struct("<Q8s")  # trailer length, magic: the file's last 16 bytes
 
 
