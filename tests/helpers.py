@@ -174,3 +174,11 @@ def write_gguf(folder: Path, out: Path, extra: dict[str, np.ndarray] | None = No
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def default_sigint() -> None:
+    """preexec_fn for a child that is sent SIGINT: a test run started in the background (SIGINT
+    ignored, which children inherit) must not make Python skip its KeyboardInterrupt handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ferry.cli import main
+from helpers import default_sigint
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -46,7 +47,7 @@ def spawn(model: Path, cache: Path, *flags: str):
     env = dict(os.environ, FERRY_CACHE_DIR=str(cache), TERM="dumb")
     child = pexpect.spawn(sys.executable, ["-m", "ferry", "chat", "-m", str(model), "--dtype", "fp32", *flags],
                           cwd=str(ROOT), env=env, encoding="utf-8", codec_errors="replace", timeout=60,
-                          dimensions=(40, 250))
+                          dimensions=(40, 250), preexec_fn=default_sigint)
     child.expect_exact("> ")
     return child
 

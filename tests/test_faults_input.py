@@ -22,6 +22,7 @@ import ferry
 from ferry.cli import main
 from ferry.engine.text import check_token_ids
 from ferry.errors import FerryError
+from helpers import default_sigint
 from ferry.offload.sources import default_model_gguf
 from ferry.scheduler.sampling import Sampler, SamplingConfig
 
@@ -218,7 +219,8 @@ def test_sigint_while_loading_exits_130_and_leaves_no_partial_files(tmp_path):
     argv = [sys.executable, "-m", "ferry", "generate", "-p", "hi", "-n", "1", "--quant", "int4", "--quant-group", "64"]
     for phase in ("gguf", "quant"):
         proc = subprocess.Popen(argv, env=dict(os.environ, FERRY_CACHE_DIR=str(cache)), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+                                stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+                                preexec_fn=default_sigint)
         try:
             wait_for_partial(cache / phase, proc)
             proc.send_signal(signal.SIGINT)
