@@ -126,7 +126,7 @@ def _load(checkpoint, q, streamed, device, pin, progress, path, head, sums, fit)
     staging = None if device.type == "cpu" else torch.empty(q.numel, dtype=torch.uint8)
     writer = None if sums is not None else _Writer.open(path, head)
     make = _LayerReader(path, sums) if sums is not None else _Quantizer(checkpoint, q, fit)
-    desc = f"loading int{q.bits} layers" if sums is not None else f"quantizing layers to int{q.bits} (once, cached)"
+    desc = f"loading int{q.bits} layers" if sums is not None else f"packing layers as int{q.bits} (once, cached)"
     try:
         for i in tqdm(range(n_layers), desc=desc, unit="layer", disable=not progress):
             if i in streamed:
