@@ -17,8 +17,8 @@ from ferry.kernels import quant as kq
 from ferry.kernels.quant_fit import fit_groups, quantize_rows
 from ferry.kernels.gather import gather_rows
 from ferry.model.config import ModelConfig
-from ferry.model.quant import (QuantConfig, QuantLayout, dequantize_down, dequantize_layer, group_for,
-                               quantize_layer, write_down)
+from ferry.model.dequant import dequantize_down, dequantize_layer
+from ferry.model.quant import QuantConfig, QuantLayout, group_for, quantize_layer, write_down
 from ferry.model.weights import LayerLayout
 from ferry.offload.checkpoint import load_hf_config
 from ferry.offload.planner import make_plan

@@ -72,15 +72,19 @@ def sweep_partials(folder: Path) -> None:
         return
     for entry in entries:
         m = _PARTIAL.search(entry.name)
-        if m is None or _alive(int(m.group(1))):
-            continue
-        try:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        except OSError:
-            pass  # another sweeper got it first, or the folder is read-only
+        if m is not None and not _alive(int(m.group(1))):
+            _remove(entry)
+
+
+def _remove(entry: Path) -> None:
+    """Delete a cache file or folder (never through a symlink); gone or read-only is harmless."""
+    try:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    except OSError:
+        pass  # another process got it first, or the folder is read-only
 
 
 def partial_prefix(target: Path) -> str:
@@ -197,12 +201,5 @@ def prune(entries, keep: Path, current: dict, read_header) -> None:
             stored = read_header(entry)
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if not superseded(stored, current):
-            continue
-        try:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        except OSError:
-            pass  # read-only or already gone: harmless
+        if superseded(stored, current):
+            _remove(entry)

@@ -30,7 +30,8 @@ from typing import Callable, Sequence
 import torch
 
 from ferry.kernels.gather import gather_rows
-from ferry.model.quant import QuantLayout, dequantize_jobs, record_jobs
+from ferry.model.dequant import dequantize_jobs, record_jobs
+from ferry.model.quant import QuantLayout
 from ferry.model.weights import Kind, LayerLayout, LayerWeights
 from ferry.offload.slots import SlotPool
 from ferry.offload.transfer import Link
