@@ -72,8 +72,10 @@ def test_streamed_default_model_matches_resident(engine, options):
             ahead = streamed.plan.prefetch_depth * streamed.plan.layer_bytes
             assert 16 * per_token <= got.stats.h2d_bytes <= 16 * per_token + ahead
         # Loading packs each layer straight into the host store: no second copy of the model.
+        # On a CPU the "device" share (resident layers, embeddings, workspace) is process memory too.
         report = streamed.runtime.load_report
-        assert report.peak_rss_bytes - report.rss_before_bytes < 1.5 * report.host_store_bytes + (64 << 20)
+        held = report.host_store_bytes + streamed.plan.device_bytes
+        assert report.peak_rss_bytes - report.rss_before_bytes < held + (64 << 20)
     finally:
         streamed.close()
 
