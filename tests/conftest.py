@@ -19,6 +19,9 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=8)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
     "qwen2-tied": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    # MLPs of whole 64-row blocks: the packed int4 kernel path (`ferry.model.packed`) takes these
+    "llama3-blocks": ("LlamaConfig", dict(tie_word_embeddings=False, intermediate_size=192)),
+    "qwen2-blocks": ("Qwen2Config", dict(tie_word_embeddings=False, intermediate_size=192)),
 }
 
 
@@ -26,11 +29,10 @@ def tiny_config(family: str):
     import transformers
 
     cls_name, extra = FAMILIES[family]
-    return getattr(transformers, cls_name)(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra,
-    )
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return getattr(transformers, cls_name)(**(fields | extra))
 
 
 def tiny_hf_model(family: str, seed: int = 0):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ferry
+from ferry.model import packed
 from ferry.offload.checkpoint import TensorReader, open_checkpoint
 from ferry.offload.sources import default_model_gguf
 
@@ -59,7 +60,12 @@ def test_gguf_conversion_matches_transformers_gguf_loader(engine):
     dict(gpu_memory="120MiB", prefetch_depth=3, emulate_link_gbps=20.0),
     dict(gpu_memory="100MiB", prefetch_depth=1, emulate_link_gbps=20.0, schedule="serial"),
 ])
-def test_streamed_default_model_matches_resident(engine, options):
+def test_streamed_default_model_matches_resident(options, monkeypatch):
+    # Streamed layers are dequantized for each pass; resident ones would run the packed int4
+    # kernel, whose bf16 results differ by rounding (tests/test_packed.py compares the two in
+    # fp32). Here both engines dequantize, so the streaming machinery is compared exactly.
+    monkeypatch.setattr(packed, "ENABLED", False)
+    engine = ferry.load(progress=False, ctx=256)
     streamed = ferry.load(progress=False, ctx=256, **options)
     try:
         assert streamed.plan.streamed_layers, "the budget should force streaming"

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ferry.kernels.attention import attend
 from ferry.kernels.reference import apply_rope, bundled_mlp, rms_norm
 from ferry.model.config import ModelConfig
+from ferry.model.packed import PackedMLP, linear, packed_mlp
 from ferry.model.weights import LayerWeights, ModelWeights
 from ferry.model.kv_cache import KVCache
 from ferry.model.rope import Rope
@@ -58,11 +59,11 @@ class _Rows:
 def attention(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list[_Rows], index: int) -> torch.Tensor:
     """Grouped-query attention for x [N, H] (every segment's rows); writes each segment's keys
     and values into its cache at its positions, and each segment attends to its own cache."""
-    qkv = F.linear(x, w.qkv, w.qkv_bias)  # [N, q + 2 kv]: one weight read for every row
+    qkv = linear(x, w.qkv, w.qkv_bias)  # [N, q + 2 kv]: one weight read for every row
     out = torch.empty(x.shape[0], cfg.q_size, dtype=x.dtype, device=x.device)
     for r in rows:
         out[r.lo:r.hi] = _attend(cfg, qkv[r.lo:r.hi], r.cache.k[index], r.cache.v[index], r.start, r.cos, r.sin)
-    return F.linear(out, w.o)
+    return linear(out, w.o)
 
 
 def _attend(cfg: ModelConfig, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -92,6 +93,8 @@ def decoder_layer(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list
     h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
     x = x + attention(cfg, w, h, rows, index)
     h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
+    if isinstance(w.mlp[0], PackedMLP):
+        return x + packed_mlp(h, w.mlp[0], w.mlp_threshold, observe)
     if len(w.mlp) == 1:
         return x + bundled_mlp(h, w.mlp[0], w.mlp_threshold, observe)
     # Selected rows resident, complement streamed: the parts' outputs add up; an observer sees
@@ -164,7 +167,7 @@ def batch_layers(
         r.cache.length = r.start + r.hi - r.lo
     if not all_logits:
         x = x[[r.hi - 1 for r in rows]] if len(rows) > 1 else x[-1:]
-    logits = F.linear(rms_norm(x, weights.norm, cfg.rms_norm_eps), weights.lm_head).float()
+    logits = linear(rms_norm(x, weights.norm, cfg.rms_norm_eps), weights.lm_head).float()
     weights.layers.end()
     if all_logits:
         return [logits[r.lo:r.hi] for r in rows]

@@ -14,11 +14,13 @@ share). A layer is in one of three places:
   whole layer. With CATS thresholds the neurons a token skips are chosen per token, so SPARSE
   moves the whole layer too.
 
-Quantized weights (`quant`): host buffers, slots, resident layers and resident prefixes all hold
-the bytes of `QuantLayout` (the ranges above are then byte ranges); when a layer is acquired the
-part the pass uses is dequantized into one work buffer laid out like an unquantized layer, whose
-views the model math reads. Resident data stays quantized, which is what lets a large selected
-set fit on the device.
+Quantized weights (`quant`): host buffers, slots and resident prefixes hold the bytes of
+`QuantLayout` (the ranges above are then byte ranges); when such a layer is acquired the part the
+pass uses is dequantized into one work buffer laid out like an unquantized layer, whose views the
+model math reads. Resident layers are packed once for the int4 kernel where it takes them
+(`ferry.model.packed`: products on the codes, nothing dequantized), else kept as `QuantLayout`
+bytes and dequantized like the others. Either way they stay quantized, which is what lets a large
+selected set fit on the device.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from ferry.kernels.gather import gather_rows
 from ferry.model.dequant import dequantize_jobs, record_jobs
+from ferry.model.packed import PackedLayer, can_pack, pack_layer
 from ferry.model.quant import QuantLayout
 from ferry.model.weights import Kind, LayerLayout, LayerWeights
 from ferry.offload.slots import SlotPool
@@ -77,7 +80,12 @@ class LayerStore:
         self.layout, self.resident, self.host, self.slots, self.link = layout, resident, host, slots, link
         self.quant, self.dequant_backend, self.device = quant, dequant_backend, device
         self.fmt, self.fmt_dtype = stored_as(layout, quant, dtype)
-        self.work = torch.empty(layout.numel, dtype=dtype, device=device) if quant else None
+        self.packed: dict[int, PackedLayer] = {}  # resident layers in the kernel's form
+        if quant is not None and can_pack(quant, device):
+            for layer in sorted(resident):  # one layer's bytes at a time: no second copy of the model
+                self.packed[layer] = pack_layer(quant, resident.pop(layer), dtype)
+        dequantized = quant is not None and (host or resident)
+        self.work = torch.empty(layout.numel, dtype=dtype, device=device) if dequantized else None
         self.order = tuple(sorted(host))  # streamed layers in visiting order
         self.prefix_layers = tuple(prefix_layers)  # streamed layers whose selected prefix may stay
         self.prefix_buffers: dict[int, torch.Tensor] = {}  # the ones whose prefix is loaded now
@@ -88,7 +96,7 @@ class LayerStore:
 
     # --- what a (layer, kind) needs -------------------------------------------------------
     def where(self, layer: int) -> Where:
-        if layer in self.resident:
+        if layer in self.resident or layer in self.packed:
             return Where.RESIDENT
         return Where.PREFIX if layer in self.prefix_buffers else Where.STREAMED
 
@@ -111,7 +119,7 @@ class LayerStore:
         """The layer's weights for a pass of this kind, its bytes in `slot` (None: nothing
         streamed); quantized bytes are dequantized into the work buffer first."""
         key = (layer, kind, slot)
-        if self.quant is not None:
+        if self.quant is not None and layer not in self.packed:
             if key not in self._jobs:
                 self._jobs[key] = self._dequantize_jobs(layer, kind, slot)
             for job in self._jobs[key]:
@@ -124,6 +132,8 @@ class LayerStore:
         n, k, lay = self.layout.intermediate_size, self.rows, self.layout
         rows = self._sparse_rows(kind)
         threshold = self.thresholds[layer] if kind == Kind.SPARSE and self.thresholds is not None else None
+        if layer in self.packed:
+            return self.packed[layer].weights(rows, threshold)
         if self.quant is not None:  # dequantized into the work buffer: always one bundle
             w = lay.views(self.work, rows=rows)
         elif layer in self.resident:
@@ -156,6 +166,9 @@ class LayerStore:
         prefix-resident layers are (re)loaded onto the device."""
         staging = None
         for layer, order in enumerate(orders):
+            if layer in self.packed:
+                self.packed[layer] = self.packed[layer].reordered(order.to(self.device))
+                continue
             flat = self.resident.get(layer, self.host.get(layer))
             bundle = flat[self.fmt.mlp_offset:].view(self.fmt.intermediate_size, -1)
             if staging is None or staging.device != bundle.device:

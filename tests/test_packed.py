@@ -1,0 +1,122 @@
+"""Resident quantized layers through the packed int4 kernel, against the dequantize-then-matmul path
+(the reference): one layer, then whole engines in every mode, in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ferry
+from ferry.kernels.int4pack import layout_matches
+from ferry.kernels.reference import bundled_mlp
+from ferry.model import packed
+from ferry.model.dequant import dequantize_layer
+from ferry.model.forward import linear
+from ferry.model.packed import can_pack, pack_layer, packed_mlp
+from ferry.model.quant import QuantConfig, QuantLayout, quantize_layer
+from test_quant import model_config, random_layer
+
+pytestmark = pytest.mark.skipif(not layout_matches(), reason="this torch packs int4 differently")
+PROMPTS = ["The capital of France", "def add(a, b):", "A quick brown fox"]
+
+
+@pytest.fixture
+def quant_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def quantized_layer(method: str, bias: bool = True):
+    cfg = model_config(128, 2, 1, 256, attention_bias=bias)
+    q = QuantLayout.for_config(cfg, QuantConfig(method))
+    raw = torch.empty(q.numel, dtype=torch.uint8)
+    quantize_layer(q, random_layer(cfg, 4), raw)
+    return cfg, q, raw
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("rows", [256, 100, 64])
+def test_packed_layer_equals_dequantized_layer(method, rows):
+    cfg, q, raw = quantized_layer(method)
+    assert can_pack(q, torch.device("cpu"))
+    order = torch.randperm(cfg.intermediate_size, generator=torch.Generator().manual_seed(5))
+    layer = pack_layer(q, raw, torch.float32).reordered(order)
+    records = raw[q.mlp_offset:].view(cfg.intermediate_size, q.row_numel)
+    records.copy_(records[order])  # the same reorder on the bytes the reference dequantizes
+    flat = torch.zeros(q.base.numel)
+    dequantize_layer(q, raw, flat, rows, "torch")
+    want, got = q.base.views(flat, rows=rows), layer.weights(rows)
+    x = torch.randn(3, cfg.hidden_size)
+    torch.testing.assert_close(linear(x, got.qkv, got.qkv_bias), linear(x, want.qkv, want.qkv_bias))
+    torch.testing.assert_close(linear(x[:, :cfg.q_size], got.o), linear(x[:, :cfg.q_size], want.o))
+    torch.testing.assert_close(got.attn_norm, want.attn_norm, rtol=0, atol=0)
+    seen = {}
+    out = packed_mlp(x, got.mlp[0], observe=lambda a, z: seen.update(got=(a, z)))
+    ref = bundled_mlp(x, want.mlp[0], observe=lambda a, z: seen.update(want=(a, z)))
+    torch.testing.assert_close(out, ref)
+    for mine, theirs in zip(seen["got"], seen["want"]):  # selection sees the same neurons in order
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_cats_threshold_skips_the_same_neurons():
+    cfg, q, raw = quantized_layer("int4", bias=False)
+    flat = torch.zeros(q.base.numel)
+    dequantize_layer(q, raw, flat, cfg.intermediate_size, "torch")
+    x = torch.randn(2, cfg.hidden_size)
+    got = packed_mlp(x, pack_layer(q, raw, torch.float32).weights(cfg.intermediate_size).mlp[0], threshold=0.02)
+    torch.testing.assert_close(got, bundled_mlp(x, q.base.views(flat).mlp[0], threshold=0.02))
+
+
+def test_shapes_without_whole_blocks_are_not_packed():
+    cfg = model_config(128, 2, 1, 160)  # 160 neurons: not whole blocks of 64, reorders need them
+    assert not can_pack(QuantLayout.for_config(cfg, QuantConfig("int4")), torch.device("cpu"))
+
+
+def load(folder, kernel: bool, **options):
+    packed.ENABLED = None if kernel else False
+    try:
+        return ferry.load(folder, dtype="fp32", ctx=64, progress=False, **options)
+    finally:
+        packed.ENABLED = None
+
+
+def packed_layers(engine) -> int:
+    return len(engine.runtime.weights.layers.executor.store.packed)
+
+
+@pytest.mark.parametrize("family, method", [("llama3-blocks", "int4"), ("qwen2-blocks", "int8"),
+                                            ("qwen2-blocks", "int4")])
+def test_engine_on_packed_layers_equals_dequantized_engine(family, method, tiny_model_dir, quant_cache):
+    folder = tiny_model_dir(family)
+    fast, ref = load(folder, True, quant=method), load(folder, False, quant=method)
+    assert packed_layers(fast) == 4 and packed_layers(ref) == 0
+    for prompt in PROMPTS:
+        ids = fast.encode(prompt)
+        torch.testing.assert_close(fast.logits(ids), ref.logits(ids), rtol=1e-5, atol=1e-5)
+        want = ref.generate(prompt, max_new_tokens=12, ignore_eos=True)
+        assert fast.generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("options", [dict(sparse_method="griffin", sparsity=0.5, period=4),
+                                     dict(sparse_method="griffin", sparsity=0.6, period=16),
+                                     dict(sparse_method="cats", sparsity=0.5, period=4)])
+def test_strict_sirius_on_packed_layers_equals_dense(options, tiny_model_dir, quant_cache):
+    folder = tiny_model_dir("llama3-blocks")
+    dense = load(folder, True, quant="int4")
+    sparse = load(folder, True, quant="int4", accept="strict", **options)
+    assert packed_layers(sparse) == 4
+    for prompt in PROMPTS:
+        got = sparse.generate(prompt, max_new_tokens=16, ignore_eos=True)
+        assert got.token_ids == dense.generate(prompt, max_new_tokens=16, ignore_eos=True).token_ids
+        assert got.stats.mode == "sirius" and got.stats.sparse_steps > 0
+
+
+@pytest.mark.parametrize("sparse_method", ["griffin", "cats"])
+def test_sparse_steps_on_packed_layers_equal_the_dequantized_ones(sparse_method, tiny_model_dir, quant_cache):
+    folder = tiny_model_dir("qwen2-blocks")
+    options = dict(quant="int4", sparsity=0.6, mode="sparse", sparse_method=sparse_method)
+    fast, ref = load(folder, True, **options), load(folder, False, **options)
+    assert packed_layers(fast) == 4
+    for prompt in PROMPTS:
+        want = ref.generate(prompt, max_new_tokens=12, ignore_eos=True)
+        got = fast.generate(prompt, max_new_tokens=12, ignore_eos=True)
+        assert got.token_ids == want.token_ids and got.stats.sparse_steps == want.stats.sparse_steps > 0
