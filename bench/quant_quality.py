@@ -11,7 +11,7 @@ For each of bf16 (no quantization), int8 and int4, over the prompts in bench/pro
 - text NLL: mean NLL per token of natural text neither model wrote (ferry's calibration text, in
   chunks of 256 tokens), the usual perplexity-style measure of what quantization costs;
 - agreement: fraction of tokens before the first divergence from bf16 dense greedy;
-- decode tokens/s with all layers resident (dequantized as each layer is used).
+- decode tokens/s with all layers resident.
 
 Prints a table, then one JSON line.
 
@@ -19,7 +19,8 @@ Prints a table, then one JSON line.
 
 Methods: none (bf16: the GGUF's values, dequantized), auto (the GGUF's own 4-bit groups kept),
 int8 or int4 with an optional group size (int4:64) and ":plain" for plain min/max ranges instead
-of fitted ones.
+of fitted ones; any with ":head-bf16" (lm_head left in bf16; by default it is int8 when the layers
+are quantized) or ":dequant" (resident layers dequantized per use instead of the packed kernel).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 import ferry
+from ferry.model import packed
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import PROMPTS, agreement, continuation_nll  # noqa: E402
@@ -64,18 +66,31 @@ def all_streamed_budget(engine) -> int:
 
 
 def quant_options(method: str) -> dict:
-    """none, auto (the source's own bits), or int8/int4[:GROUP][:plain] (plain: no range fitting)."""
+    """none, auto (the source's own bits), or int8/int4[:GROUP][:plain] (plain: no range fitting);
+    any of them with :head-bf16 (lm_head not quantized)."""
     name, *rest = method.split(":")
+    options = dict(quant=name)
+    if "head-bf16" in rest:
+        options["quant_lm_head"] = "none"
     if name in ("none", "auto"):
-        return dict(quant=name)
-    options = dict(quant=name, quant_fit="plain" not in rest)
+        return options
+    options["quant_fit"] = "plain" not in rest
     groups = [int(r) for r in rest if r.isdigit()]
     return {**options, "quant_group": groups[0]} if groups else options
 
 
+def load(method: str, **options):
+    """An engine for a method; with :dequant its resident layers skip the packed int4 kernel."""
+    packed.ENABLED = False if "dequant" in method.split(":") else None
+    try:
+        return ferry.load(**options, **quant_options(method))
+    finally:
+        packed.ENABLED = None
+
+
 def streamed_bytes(method: str, budget: int, prompts: list[str], new_tokens: int, common: dict) -> tuple[float, int, int]:
     """(measured bytes per new token, the plan's bytes per dense token, streamed layers)."""
-    engine = ferry.load(**common, **quant_options(method), gpu_memory=budget, emulate_link_gbps=1000.0)
+    engine = load(method, **common, gpu_memory=budget, emulate_link_gbps=1000.0)
     per_token = [engine.generate(p, max_new_tokens=new_tokens, ignore_eos=True).stats.h2d_bytes_per_token
                  for p in prompts]
     out = statistics.mean(per_token), engine.plan.link_bytes["full_pass"], len(engine.plan.streamed_layers)
@@ -105,7 +120,7 @@ def main() -> None:
     rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
     prompts = [r["prompt"] for r in rows][: args.limit or None]
     common = dict(dtype="bf16", device="cpu", ctx=512, progress=False, reuse_prefix=False)
-    engines = {m: ferry.load(**common, **quant_options(m)) for m in ["none", *[m for m in args.methods if m != "none"]]}
+    engines = {m: load(m, **common) for m in ["none", *[m for m in args.methods if m != "none"]]}
     # The default model's source is 4-bit GGUF (Q4_1): "none" is its values dequantized to bf16.
     bf16 = engines["none"]
     reference = [bf16.generate(p, max_new_tokens=args.new_tokens).token_ids for p in prompts]

@@ -155,3 +155,56 @@ def test_bad_period_or_aal():
         predict_for_plan(plan, resolve_gpu("rtx4090"), period=8, aal=9)
     with pytest.raises(FerryError, match="schedule"):
         predict_for_plan(plan, resolve_gpu("rtx4090"), schedule="eager")
+
+
+def plan_70b_int4(group: int, speculate_budget: int = 24, device: str = "cuda"):
+    from ferry.model.quant import QuantConfig
+
+    return make_plan(config_70b(), dtype_bytes=2, budget_bytes=speculate_budget * GiB, host_available_bytes=512 * GiB,
+                     ctx=4096, device=device, sparsity=0.5, quant=QuantConfig("int4", group_size=group))
+
+
+def test_70b_int4_keeps_every_selected_set_on_a_24gib_card():
+    """Llama-3.1-70B, int4 groups of 128 (AWQ/GPTQ's), 4K context, sparsity 0.5: the selected sets
+    take the room before a second prefetch slot; lm_head is int8; the workspace holds a tile."""
+    plan = plan_70b_int4(128)
+    assert len(plan.prefix_layers) + len(plan.resident_layers) == 80 and plan.fits
+    assert plan.slot_count == plan.prefetch_depth == 1  # the second slot gave way to the sparse set
+    assert plan.lm_head_quant == "int8" and plan.lm_head_bytes < 1.1 * GiB
+    assert plan.workspace_bytes < 1 * GiB
+    assert plan.link_bytes["sparse_step"] == 8192 * 2  # one embedding row: the sparse set moves nothing
+    # groups of 32 cost more bytes per weight: the sets no longer all fit, and both slots stay
+    small = plan_70b_int4(32)
+    assert len(small.prefix_layers) < 80 and small.slot_count == 2
+
+
+def test_reads_follow_the_kernels():
+    """Quantized layers on the packed kernel read their bytes; dequantized ones also write and read
+    every value in the compute dtype; a fused sparse step reads all of down_proj."""
+    from ferry.model.quant import QuantConfig, QuantLayout
+    from ferry.offload.accounting import layer_reads
+
+    cfg, q = config_70b(), QuantConfig("int4", group_size=128)
+    fused, tiles = layer_reads(cfg, 2, q, 0.5, True), layer_reads(cfg, 2, q, 0.5, False)
+    values = (cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) + cfg.hidden_size * cfg.q_size
+                                 + 3 * cfg.hidden_size * cfg.intermediate_size)
+    assert tiles.full - fused.full == 2 * 2 * (values + 2 * 8192)  # every value (norms too) written and read
+    # a fused sparse step skips the other half's gate and up rows, not their down columns
+    layout, skipped = QuantLayout.for_config(cfg, q), cfg.intermediate_size // 2
+    assert fused.full - fused.sparse == skipped * (layout.row_numel - cfg.hidden_size // 2)
+    plain = layer_reads(cfg, 2, QuantConfig("none"), 0.5, False)
+    assert plain.full == 2 * (values + 2 * 8192)
+
+
+def test_speculation_hides_drafting_inside_the_full_pass():
+    plan = plan_70b_int4(128)
+    gpu = resolve_gpu("rtx4090")
+    spec, plain = (predict_for_plan(plan, gpu, period=16, aal=15.5, speculate=s)["ferry"] for s in (True, False))
+    c = plan.step_bytes
+    link = c.full_link / (gpu.link_gbps * 1e9)
+    compute = c.full_read / (gpu.memory_gbps * 1e9) + 15 * c.sparse_read / (gpu.memory_gbps * 1e9)
+    assert spec.s_per_token == pytest.approx(max(link, compute) / 15.5)
+    assert spec.s_per_token < plain.s_per_token
+    # nothing to hide when the sparse set streams: speculation does not apply
+    streamed = small_budget_plan(config_70b())
+    assert predict_for_plan(streamed, gpu, speculate=True) == predict_for_plan(streamed, gpu)

@@ -14,7 +14,7 @@ from ferry.model.dequant import dequantize_layer
 from ferry.model.forward import linear
 from ferry.model.packed import can_pack, pack_layer, packed_mlp
 from ferry.model.quant import QuantConfig, QuantLayout, quantize_layer
-from test_quant import model_config, random_layer
+from test_quant import budget, model_config, random_layer
 
 pytestmark = pytest.mark.skipif(not layout_matches(), reason="this torch packs int4 differently")
 PROMPTS = ["The capital of France", "def add(a, b):", "A quick brown fox"]
@@ -120,3 +120,51 @@ def test_sparse_steps_on_packed_layers_equal_the_dequantized_ones(sparse_method,
         want = ref.generate(prompt, max_new_tokens=12, ignore_eos=True)
         got = fast.generate(prompt, max_new_tokens=12, ignore_eos=True)
         assert got.token_ids == want.token_ids and got.stats.sparse_steps == want.stats.sparse_steps > 0
+
+
+# --- lm_head as int8 groups ------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", [True, False])
+def test_int8_head_equals_its_groups_dequantized(kernel, monkeypatch):
+    from ferry.kernels.quant_fit import fit_groups
+    from ferry.model.packed import GroupedMatrix, PackedMatrix, int8_head
+
+    monkeypatch.setattr(packed, "ENABLED", None if kernel else False)
+    monkeypatch.setattr(packed, "TILE_ROWS", 128)  # several tiles for the tiled form
+    w = torch.randn(400, 96, generator=torch.Generator().manual_seed(7))
+    grouped = fit_groups(w, 8, 32, fit=False)
+    blocks = [(lo, grouped.rows(slice(lo, lo + 128))) for lo in range(0, 400, 128)]  # 400 = 6 blocks + 16 rows
+    head = int8_head((400, 96), 32, iter(blocks), torch.device("cpu"), torch.float32)
+    assert isinstance(head, PackedMatrix if kernel else GroupedMatrix)
+    x = torch.randn(2, 96)
+    torch.testing.assert_close(linear(x, head), x @ grouped.dequantize().t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama3-blocks", "llama-tied"])
+def test_engine_with_int8_head_equals_the_tiled_head(family, tiny_model_dir, quant_cache):
+    """The packed head and the tiled one (devices without the kernel) compute the same logits, and
+    both differ from the fp32 head only by int8 rounding."""
+    folder = tiny_model_dir(family)
+    fast, ref = load(folder, True, quant="int4"), load(folder, False, quant="int4")
+    plain = load(folder, True, quant="int4", quant_lm_head="none")
+    assert fast.plan.lm_head_quant == "int8" and plain.plan.lm_head_quant == "none"
+    ids = fast.encode(PROMPTS[0])
+    torch.testing.assert_close(fast.logits(ids), ref.logits(ids), rtol=1e-5, atol=1e-5)
+    gap = (fast.logits(ids) - plain.logits(ids)).abs().max().item()
+    assert 0 < gap < 0.05
+
+
+def test_tiles_smaller_than_a_layer_give_the_same_model(tiny_model_dir, quant_cache, monkeypatch):
+    """Streamed quantized layers are dequantized a tile at a time: tiles of 64 neurons (several
+    per layer, attention matrices in several row tiles) equal one tile for the whole layer."""
+    from ferry.model import dequant
+
+    folder = tiny_model_dir("qwen2")
+    options = dict(quant="int8", sparsity=0.5, mode="sparse")
+    whole = load(folder, False, **options)
+    monkeypatch.setattr(dequant, "TILE_VALUES", 1)  # the floor: 64 neurons' rows
+    tiled = load(folder, True, **options, gpu_memory=budget(folder, QuantConfig("int8"), resident=0))
+    assert len(tiled.plan.streamed_layers) == 4
+    assert tiled.runtime.weights.layers.executor.store.work.numel() < 2 * 64 * 3 * 64
+    for prompt in PROMPTS:
+        want = whole.generate(prompt, max_new_tokens=8, ignore_eos=True)
+        assert tiled.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids == want.token_ids

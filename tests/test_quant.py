@@ -300,20 +300,22 @@ def budget(folder, quant: QuantConfig, resident: int, depth: int = 2, prefixes: 
                                                    ("qwen2", "int4", 32)])
 def test_quantized_model_computes_with_its_dequantized_weights(method, group, family, tiny_model_dir, tmp_path):
     folder = tiny_model_dir(family)
-    quant = QuantConfig(method, group_size=group)
+    quant = QuantConfig(method, group_size=group, lm_head="none")
     layout_group = group_for(ModelConfig.from_hf(load_hf_config(folder)), quant)
     reference = ferry.load(fake_quantized_copy(folder, tmp_path / "fake", quant.bits, layout_group),
                            dtype="fp32", ctx=64, progress=False)
     plain = ferry.load(folder, dtype="fp32", ctx=64, progress=False)
+    # lm_head stays fp32 here, as in the reference (test_packed.py checks the int8 head)
     engines = {
-        "resident": ferry.load(folder, dtype="fp32", ctx=64, progress=False, quant=method, quant_group=group),
+        "resident": ferry.load(folder, dtype="fp32", ctx=64, progress=False, quant=method, quant_group=group,
+                               quant_lm_head="none"),
         "streamed": ferry.load(folder, dtype="fp32", ctx=64, progress=False, quant=method, quant_group=group,
-                               gpu_memory=budget(folder, quant, resident=0)),
+                               quant_lm_head="none", gpu_memory=budget(folder, quant, resident=0)),
         "one resident, emulated link": ferry.load(
             folder, dtype="fp32", ctx=64, progress=False, quant=method, quant_group=group, emulate_link_gbps=50.0,
-            prefetch_depth=1, gpu_memory=budget(folder, quant, resident=1, depth=1)),
+            quant_lm_head="none", prefetch_depth=1, gpu_memory=budget(folder, quant, resident=1, depth=1)),
         "serial": ferry.load(folder, dtype="fp32", ctx=64, progress=False, quant=method, quant_group=group,
-                             schedule="serial", gpu_memory=budget(folder, quant, resident=0)),
+                             quant_lm_head="none", schedule="serial", gpu_memory=budget(folder, quant, resident=0)),
     }
     assert not engines["resident"].plan.streamed_layers
     assert len(engines["streamed"].plan.streamed_layers) == 4

@@ -151,8 +151,10 @@ def test_executor_trace_matches_the_schedule(case, tiny_model_dir):
         from helpers import streaming_budget
 
         budget = streaming_budget(cfg, resident=1, depth=2, ctx=64)
+    # "streamed": no selected set stays (the planner would otherwise give up a slot to keep them all)
     engine = ferry.load(folder, dtype="fp32", ctx=64, progress=False, sparsity=SPARSITY, gpu_memory=budget,
-                        schedule="serial" if case.endswith("serial") else "pipelined", emulate_link_gbps=50.0)
+                        schedule="serial" if case.endswith("serial") else "pipelined", emulate_link_gbps=50.0,
+                        resident_sparse=case.startswith("prefixes"))
     rt = engine.runtime
     ex = rt.executor
     ensure_context(rt, 8, 40)

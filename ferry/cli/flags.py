@@ -135,6 +135,9 @@ FLAGS: dict[str, Flag] = {
                         ">= 32 (default {default}; needs --quant int8 or int4)", type=int, metavar="G"),
     "quant_fit": Flag(("--quant-fit",), "search each group's range for the least weight error instead of "
                       "taking its min and max (default {default}; needs --quant int8 or int4)", action=ON_OFF),
+    "quant_lm_head": Flag(("--quant-lm-head",), "lm_head's weights: int8 groups (fp16 scales, read by the "
+                          "int8 kernel) or none (the compute dtype); auto is int8 when the layers are "
+                          "quantized (default {default})", choices=("auto", "none", "int8")),
     "batch_size": Flag(("--batch-size",), "prompts of a --prompt-file decoded together, sharing every "
                        "weight read; the plan holds their KV caches (default: as many as the memory plan "
                        "holds, up to 8)", type=int_at_least(1), metavar="B"),

@@ -19,7 +19,7 @@ from ferry.engine import FerryConfig
 from ferry.errors import FerryError
 
 PLAN_FLAGS = ("model", "dtype", "device", "ctx", "gpu_memory", "host_memory", "prefetch_depth", "quant",
-              "quant_group", "quant_fit", "batch_size", "schedule", "resident_sparse", "sparsity", "sparse_method", "mode", "period",
+              "quant_group", "quant_fit", "quant_lm_head", "batch_size", "schedule", "resident_sparse", "sparsity", "sparse_method", "mode", "period",
               "max_period", "speculate", "gpu", "gpu_mem_gbps", "pcie_gbps", "aal", "show_schedule", "json",
               "link_gbps")
 EMBEDDED = "SmolLM2-135M-Instruct (embedded)"
@@ -52,8 +52,10 @@ def run(args: argparse.Namespace) -> None:
     dtype_bytes = 4 if config.runtime.dtype == "fp32" else 2
     plan = plan_for(config, model, device, dtype_bytes, budget, host)
     # With --period auto the predictions take K = the longest chunk (max period).
-    cost = dict(gpu=gpu, period=config.correction.period, aal=args.aal, schedule=config.offload.schedule)
+    cost = dict(gpu=gpu, period=config.correction.period, aal=args.aal, schedule=config.offload.schedule,
+                speculate=config.correction.speculate)
     preds = costmodel.predict_for_plan(plan, **cost)
+    cost["speculate"] = costmodel.speculates(plan, cost["speculate"])
     steps = chunk_steps(plan, config) if args.show_schedule else None
     if args.json:
         out = {**plan.to_dict(), **costmodel.predictions_json(preds, **cost)}

@@ -117,7 +117,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "prefetch_depth": ("offload", "prefetch_depth"), "emulate_link_gbps": ("offload", "emulate_link_gbps"),
     "schedule": ("offload", "schedule"), "resident_sparse": ("offload", "resident_sparse"),
     "quant": ("quant", "method"), "quant_group": ("quant", "group_size"),
-    "quant_fit": ("quant", "fit"),
+    "quant_fit": ("quant", "fit"), "quant_lm_head": ("quant", "lm_head"),
     "sparsity": ("sparsity", "sparsity"), "sparse_method": ("sparsity", "method"),
     "mode": ("correction", "mode"), "threshold": ("correction", "threshold"),
     "accept": ("correction", "accept"), "draft_confidence": ("correction", "draft_confidence"),

@@ -1,18 +1,34 @@
-"""Quantized layer bytes back into the compute dtype: what a pass over a quantized layer runs
-before the model math (the layout is `ferry.model.quant.QuantLayout`).
+"""Quantized layer bytes computed through the compute dtype, a tile at a time: what a pass runs on
+a quantized layer the packed kernel does not take (streamed layers, resident prefixes, devices
+without the kernel). The layout is `ferry.model.quant.QuantLayout`.
 
-The steps for a buffer and a pass kind are built once as jobs (partials over views), so running
-them creates no tensors but down_proj's gathered group rows (`dequantize_down`).
+A pass's weights are views of the quantized bytes (`quant_views`): `QuantRows` for qkv and o,
+`QuantNeurons` for MLP records. Each product dequantizes one tile of rows (or of neurons: gate,
+up and down column together) into a shared workspace and runs the plain math on it, so the
+device holds one tile in the compute dtype, never a dequantized layer (`tile_numel`). The MLP
+over tiles of neurons is exact: the MLP over a partition of the neurons is the sum of the
+parts' MLPs. Norms and biases are copied into small buffers when a layer is acquired.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from ferry.kernels.quant import dequantize, unpack_int4
 from ferry.model.quant import QuantLayout
+from ferry.model.weights import LayerLayout, LayerWeights
+
+TILE_VALUES = 16 << 20  # values of the compute dtype one tile holds at most (32 MiB in bf16)
+
+
+def tile_numel(layout: LayerLayout) -> int:
+    """Workspace (values) for the tiles of a layer: 16M values, at least 64 neurons' rows, at
+    most the layer itself."""
+    return min(layout.numel, max(TILE_VALUES, 64 * layout.row_numel))
 
 
 def dequantize_down(codes: torch.Tensor, index: torch.Tensor, table: tuple, bits: int, group: int,
@@ -28,39 +44,96 @@ def dequantize_down(codes: torch.Tensor, index: torch.Tensor, table: tuple, bits
     return out.copy_(x)
 
 
-def _mlp_jobs(q: QuantLayout, records: tuple, table: tuple, bundle: torch.Tensor, backend: str) -> list:
+def dequantize_records(q: QuantLayout, records: tuple, table: tuple, bundle: torch.Tensor, backend: str) -> None:
+    """Records (codes [n, 3, Hb], scales, mins, index) into bundle [n, 3, H]."""
     codes, scales, mins, index = records
-    return [partial(dequantize, codes[:, :2], scales, mins, q.bits, bundle[:, :2], backend),
-            partial(dequantize_down, codes[:, 2], index, table, q.bits, q.group, bundle[:, 2])]
+    dequantize(codes[:, :2], scales, mins, q.bits, bundle[:, :2], backend)
+    dequantize_down(codes[:, 2], index, table, q.bits, q.group, bundle[:, 2])
 
 
-def dequantize_jobs(q: QuantLayout, src: torch.Tensor, out: torch.Tensor, rows: int, backend: str) -> list:
-    """The steps that bring the attention part and neurons 0..rows-1 of `src` (uint8, layer
-    layout, possibly only that prefix) into `out` (compute dtype, unquantized layout): what a pass
-    over `rows` neurons uses. Built once per buffer and pass kind."""
+@dataclass(frozen=True)
+class QuantRows:
+    """A quantized matrix [R, C]: codes, scales and mins are views of a layer's bytes."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    bits: int
+    work: torch.Tensor  # the shared tile workspace (flat, compute dtype)
+    backend: str
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        r, c = self.codes.shape[0], x.shape[1]
+        out = x.new_empty(x.shape[0], r)
+        step = max(1, self.work.numel() // c)
+        for lo in range(0, r, step):
+            hi = min(r, lo + step)
+            w = self.work[:(hi - lo) * c].view(hi - lo, c)
+            mins = None if self.mins is None else self.mins[lo:hi]
+            dequantize(self.codes[lo:hi], self.scales[lo:hi], mins, self.bits, w, self.backend)
+            out[:, lo:hi] = F.linear(x, w)
+        return out
+
+
+@dataclass(frozen=True)
+class QuantNeurons:
+    """n MLP neuron records (views of a layer's or a slot's bytes) and the layer's down table."""
+
+    layout: QuantLayout
+    records: tuple  # codes [n, 3, Hb], gate/up scales [n, 2, G], mins or None, index [n]
+    table: tuple  # down_proj's (scales, mins) [I / group, H]
+    work: torch.Tensor
+    backend: str
+
+    def tiles(self):
+        """Bundles [t, 3, H] of consecutive neurons, each dequantized into the workspace just
+        before it is yielded (so one tile is live at a time)."""
+        n, h = self.records[0].shape[0], self.layout.hidden_size
+        step = max(1, self.work.numel() // (3 * h))
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            bundle = self.work[:(hi - lo) * 3 * h].view(hi - lo, 3, h)
+            part = tuple(None if t is None else t[lo:hi] for t in self.records)
+            dequantize_records(self.layout, part, self.table, bundle, self.backend)
+            yield bundle
+
+
+def vector_buffers(layout: LayerLayout, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Buffers for a layer's norms and biases in the compute dtype."""
+    return {name: torch.empty(shape, dtype=dtype, device=device) for name, shape in layout.shapes if len(shape) == 1}
+
+
+def vector_jobs(q: QuantLayout, src: torch.Tensor, vectors: dict[str, torch.Tensor]) -> list:
+    """The copies that bring a layer's norms and biases (fp32 in its bytes) into `vectors`."""
+    return [partial(torch.Tensor.copy_, vectors[sec.name], src[sec.offset:sec.offset + sec.size].view(torch.float32))
+            for sec in q.sections if len(sec.shape) == 1]
+
+
+def quant_views(q: QuantLayout, src: torch.Tensor, vectors: dict[str, torch.Tensor], rows: int,
+                work: torch.Tensor, backend: str, complement: torch.Tensor | None = None) -> LayerWeights:
+    """A pass's weights over a quantized layer: its attention part and neurons 0..rows-1 in `src`
+    (possibly only that prefix); `complement`, a slot holding the records of the neurons after
+    them, adds those (the table is in `src`'s attention part)."""
+    mats = {sec.name: QuantRows(*q.matrix(src, sec), q.bits, work, backend)
+            for sec in q.sections if len(sec.shape) == 2 and sec.name != "down_groups"}
+    table = q.down_groups(src)
+    mlp = (QuantNeurons(q, q.mlp_records(src, 0, rows), table, work, backend),)
+    if complement is not None:
+        mlp += (QuantNeurons(q, q.records(complement, q.intermediate_size - rows), table, work, backend),)
+    return LayerWeights(attn_norm=vectors["attn_norm"], qkv=mats["qkv"], qkv_bias=vectors.get("qkv_bias"),
+                        o=mats["o"], mlp_norm=vectors["mlp_norm"], mlp=mlp)
+
+
+def dequantize_layer(q: QuantLayout, src: torch.Tensor, out: torch.Tensor, rows: int, backend: str) -> None:
+    """The attention part and neurons 0..rows-1 of `src` into `out`, laid out like an unquantized
+    layer (the plain reference the tiled and packed paths are tested against)."""
     views = q.base.attention_views(out)
-    jobs = []
     for sec in q.sections:
         if sec.name == "down_groups":
             continue
         if len(sec.shape) == 1:
-            jobs.append(partial(torch.Tensor.copy_, views[sec.name],
-                                src[sec.offset:sec.offset + sec.size].view(torch.float32)))
+            views[sec.name].copy_(src[sec.offset:sec.offset + sec.size].view(torch.float32))
         else:
-            jobs.append(partial(dequantize, *q.matrix(src, sec), q.bits, views[sec.name], backend))
+            dequantize(*q.matrix(src, sec), q.bits, views[sec.name], backend)
     if rows:
-        jobs += _mlp_jobs(q, q.mlp_records(src, 0, rows), q.down_groups(src), q.base.bundle(out, 0, rows), backend)
-    return jobs
-
-
-def record_jobs(q: QuantLayout, raw: torch.Tensor, layer: torch.Tensor, out_bundle: torch.Tensor,
-                backend: str) -> list:
-    """Records at the start of `raw` (a slot holding complement rows) into out_bundle [n, 3, H];
-    `layer` holds the layer's attention part (its down group table)."""
-    n = out_bundle.shape[0]
-    return _mlp_jobs(q, q.records(raw, n), q.down_groups(layer), out_bundle, backend) if n else []
-
-
-def dequantize_layer(q: QuantLayout, src: torch.Tensor, out: torch.Tensor, rows: int, backend: str) -> None:
-    for job in dequantize_jobs(q, src, out, rows, backend):
-        job()
+        dequantize_records(q, q.mlp_records(src, 0, rows), q.down_groups(src), q.base.bundle(out, 0, rows), backend)

@@ -18,10 +18,20 @@ import torch.nn.functional as F
 from ferry.kernels.attention import attend
 from ferry.kernels.reference import apply_rope, bundled_mlp, rms_norm
 from ferry.model.config import ModelConfig
-from ferry.model.packed import PackedMLP, linear, packed_mlp
+from ferry.model.dequant import QuantNeurons
+from ferry.model.packed import PackedMLP, packed_mlp
 from ferry.model.weights import LayerWeights, ModelWeights
 from ferry.model.kv_cache import KVCache
 from ferry.model.rope import Rope
+
+
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ wᵀ (+ bias): w a weight tensor, or quantized weights with their own product
+    (`PackedMatrix`, `GroupedMatrix`, `QuantRows`)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    out = w.linear(x)
+    return out if bias is None else out + bias
 
 
 def attention_mask(start: int, s: int, lo: int, window: int | None, device) -> torch.Tensor:
@@ -95,18 +105,28 @@ def decoder_layer(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list
     h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
     if isinstance(w.mlp[0], PackedMLP):
         return x + packed_mlp(h, w.mlp[0], w.mlp_threshold, observe)
-    if len(w.mlp) == 1:
+    if len(w.mlp) == 1 and isinstance(w.mlp[0], torch.Tensor):
         return x + bundled_mlp(h, w.mlp[0], w.mlp_threshold, observe)
-    # Selected rows resident, complement streamed: the parts' outputs add up; an observer sees
-    # the activations of all neurons together, in buffer order.
+    # Several parts (selected rows resident and the complement streamed, or quantized tiles):
+    # their outputs add up; an observer sees the activations of all neurons together, in order.
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     record = None if observe is None else (lambda a, z: seen.append((a, z)))
-    out = bundled_mlp(h, w.mlp[0], w.mlp_threshold, record)
-    for part in w.mlp[1:]:
-        out = out + bundled_mlp(h, part, w.mlp_threshold, record)
+    out = None
+    for bundle in _bundles(w.mlp):
+        part = bundled_mlp(h, bundle, w.mlp_threshold, record)
+        out = part if out is None else out + part
     if observe is not None:
         observe(torch.cat([a for a, _ in seen], dim=-1), torch.cat([z for _, z in seen], dim=-1))
     return x + out
+
+
+def _bundles(parts: tuple):
+    """The bundles [n, 3, H] of an MLP's parts, quantized parts a tile at a time."""
+    for part in parts:
+        if isinstance(part, QuantNeurons):
+            yield from part.tiles()
+        else:
+            yield part
 
 
 def forward(

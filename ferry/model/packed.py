@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ferry.kernels import int4pack
 from ferry.kernels.int4pack import BLOCK, Int4Matrix, int4_linear, int4_matrix, int8_matrix
-from ferry.kernels.quant import unpack_int4
+from ferry.kernels.quant import dequantize, pick_backend, unpack_int4
 from ferry.model.quant import QuantLayout
 from ferry.model.weights import LayerWeights
 
@@ -44,6 +44,9 @@ class PackedMatrix:
     def prefix(self, rows: int) -> "PackedMatrix":
         return PackedMatrix(tuple(p.prefix(rows) for p in self.parts))
 
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x, self.parts)
+
     def permuted(self, order: torch.Tensor) -> "PackedMatrix":
         """Rows in `order` (whole blocks only)."""
         return PackedMatrix(tuple(Int4Matrix(int4pack.pack(int4pack.unpack(p.packed)[order]),
@@ -58,12 +61,53 @@ def packed_matrix(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor 
     return PackedMatrix(int8_matrix(codes.view(torch.int8), scales, dtype))
 
 
-def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ wᵀ (+ bias) for a plain weight tensor or a packed matrix."""
-    if isinstance(w, torch.Tensor):
-        return F.linear(x, w, bias)
-    out = int4_linear(x, w.parts)
-    return out if bias is None else out + bias
+@dataclass(frozen=True)
+class GroupedMatrix:
+    """W [N, K] as int8 groups (w = q * scale), dequantized a tile of rows at a time for each
+    product: what a device without the packed kernel runs a quantized lm_head on."""
+
+    q: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # fp16 [N, K / group]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty(x.shape[0], self.shape[0])
+        tile = x.new_empty(min(TILE_ROWS, self.shape[0]), self.shape[1])
+        backend = pick_backend(x.device, x.dtype)
+        for lo in range(0, self.shape[0], TILE_ROWS):
+            rows = slice(lo, lo + TILE_ROWS)
+            w = tile[:self.q[rows].shape[0]]
+            dequantize(self.q[rows].view(torch.uint8), self.scale[rows], None, 8, w, backend)
+            out[:, rows] = F.linear(x, w)
+        return out
+
+
+TILE_ROWS = 4096  # rows of a GroupedMatrix dequantized at a time (the workspace it needs)
+
+
+def int8_head(shape: tuple[int, int], group: int, blocks, device: torch.device,
+              dtype: torch.dtype) -> "PackedMatrix | GroupedMatrix":
+    """lm_head [V, H] from int8 `Grouped` row blocks (`blocks` yields (first row, Grouped), each
+    block a whole number of 64-row blocks but the last): packed for the kernel where it takes
+    the shape, else kept as groups and dequantized by tiles."""
+    v, h = shape
+    if ENABLED is not False and int4pack.supported(v, h, group, device):
+        parts = [Int4Matrix(torch.empty(v, h // 2, dtype=torch.uint8), torch.empty(h // group, v, 2, dtype=dtype), group)
+                 for _ in range(2)]
+        for lo, grouped in blocks:
+            for part, block in zip(parts, int8_matrix(grouped.q, grouped.scale, dtype)):
+                part.packed[lo:lo + block.shape[0]] = block.packed
+                part.table[:, lo:lo + block.shape[0]] = block.table
+        return PackedMatrix(tuple(parts))
+    q = torch.empty(v, h, dtype=torch.int8, device=device)
+    scale = torch.empty(v, h // group, dtype=torch.float16, device=device)
+    for lo, grouped in blocks:
+        q[lo:lo + grouped.shape[0]] = grouped.q.to(device)
+        scale[lo:lo + grouped.shape[0]] = grouped.scale.to(device)
+    return GroupedMatrix(q, scale)
 
 
 @dataclass(frozen=True)
@@ -79,16 +123,16 @@ class PackedMLP:
 
 def packed_mlp(x: torch.Tensor, mlp: PackedMLP, threshold: float | None = None, observe=None) -> torch.Tensor:
     """down(SiLU(gate(x)) * up(x)) over the first mlp.rows neurons: `bundled_mlp`'s result."""
-    a = F.silu(linear(x, mlp.gate))
+    a = F.silu(mlp.gate.linear(x))
     if threshold is not None:
         a = a * (a.abs() >= threshold)
-    z = a * linear(x, mlp.up)
+    z = a * mlp.up.linear(x)
     if z.shape[1] > mlp.rows:  # neurons past `rows` only pad a block: they contribute nothing
         z[:, mlp.rows:] = 0
     if observe is not None:
         observe(a[:, :mlp.rows], z[:, :mlp.rows])
     spread = z.new_zeros(x.shape[0], mlp.down.shape[1]).index_copy_(1, mlp.index, z)
-    return linear(spread, mlp.down)
+    return mlp.down.linear(spread)
 
 
 @dataclass(frozen=True)

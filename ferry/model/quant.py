@@ -43,6 +43,8 @@ from ferry.model.config import ModelConfig
 from ferry.model.weights import LayerLayout
 
 QUANTS = ("auto", "none", "int8", "int4")
+HEAD_QUANTS = ("auto", "none", "int8")
+HEAD_GROUPS = (256, 128, 64, 32)  # the int4 kernel's group sizes (the head runs on it as int8)
 BITS = {"int8": 8, "int4": 4}
 MIN_GROUP, GROUP_STEP = 32, 8  # groups are multiples of 8 values so every section stays aligned
 DEFAULT_GROUP = 32
@@ -59,10 +61,13 @@ class QuantConfig:
     method: str = "auto"
     group_size: int = DEFAULT_GROUP  # the largest group; a row's group is the largest that divides it
     fit: bool = True  # search each group's range for the least weight error (else plain min/max)
+    lm_head: str = "auto"  # int8 or none; auto: int8 exactly when the layers are quantized
 
     def __post_init__(self) -> None:
         if self.method not in QUANTS:
             raise SettingError("quant", f"must be one of {', '.join(QUANTS)}, got {self.method!r}")
+        if self.lm_head not in HEAD_QUANTS:
+            raise SettingError("quant_lm_head", f"must be one of {', '.join(HEAD_QUANTS)}, got {self.lm_head!r}")
         if (not isinstance(self.group_size, int) or self.group_size < MIN_GROUP
                 or self.group_size > 1024 or self.group_size % GROUP_STEP):
             raise SettingError("quant_group", f"must be a multiple of {GROUP_STEP} in [{MIN_GROUP}, 1024], "
@@ -84,9 +89,20 @@ class QuantConfig:
         if self.method != "auto":
             return self
         if source is None:
-            return QuantConfig("none", self.group_size, self.fit)
+            return QuantConfig("none", self.group_size, self.fit, self.lm_head)
         bits, group = source
-        return QuantConfig(f"int{bits}", group, self.fit)
+        return QuantConfig(f"int{bits}", group, self.fit, self.lm_head)
+
+    @property
+    def head_quantized(self) -> bool:
+        """Whether lm_head is held as int8 groups (resolve auto first)."""
+        return self.lm_head == "int8" or (self.lm_head == "auto" and self.enabled)
+
+
+def head_group(cfg: ModelConfig, quant: QuantConfig) -> int:
+    """lm_head's int8 group: the largest kernel group, at most quant.group_size (32 at least),
+    dividing the hidden size; 0 when none does (the head then stays in the compute dtype)."""
+    return next((g for g in HEAD_GROUPS if g <= max(MIN_GROUP, quant.group_size) and cfg.hidden_size % g == 0), 0)
 
 
 def group_for(cfg: ModelConfig, quant: QuantConfig) -> int:

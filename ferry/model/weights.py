@@ -121,4 +121,4 @@ class ModelWeights:
     embed: torch.Tensor  # [V, H]; may stay in host memory (only a row per token is needed)
     layers: LayerSource
     norm: torch.Tensor  # [H]
-    lm_head: torch.Tensor  # [V, H]; the embedding tensor itself when tied
+    lm_head: torch.Tensor  # [V, H]; the embedding tensor itself when tied, or int8 (model.packed)

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ferry.model.config import ModelConfig
-from ferry.model.quant import QuantConfig, QuantLayout
+from ferry.model.dequant import tile_numel
+from ferry.model.quant import QuantConfig, QuantLayout, head_group
 from ferry.model.weights import LayerLayout
 
 MiB = 1 << 20
@@ -55,14 +56,27 @@ class PartBytes:
     prefix: int  # attention + the selected neurons of one layer
     embed: int  # input embeddings
     embed_row: int  # one embedding row (what a token moves when embeddings stay on the host)
-    lm_head: int  # 0 when tied to the embeddings
+    lm_head: int  # 0 when the embedding table itself serves as lm_head (tied, not quantized)
     norm: int  # final norm
     kv_cache: int  # keys and values for ctx positions
-    workspace: int  # a prefill's activations over ctx tokens (+ the dequantized layer)
+    workspace: int  # a prefill's activations over ctx tokens (+ what dequantization writes)
     quant_group: int  # values per quantization scale (0: not quantized)
 
 
+def head_bytes(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig) -> int:
+    """lm_head as held: int8 codes plus, per group, the kernel's two tables of a scale and a zero
+    in the compute dtype (`ferry.model.packed.int8_head`; an upper bound for the tiled form, which
+    keeps one fp16 scale); the compute dtype when not quantized, 0 when tied to the embeddings."""
+    group = head_group(cfg, quant) if quant.head_quantized else 0
+    if group:
+        return cfg.vocab_size * (cfg.hidden_size + cfg.hidden_size // group * 4 * dtype_bytes)
+    return 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * dtype_bytes
+
+
 def part_bytes(cfg: ModelConfig, dtype_bytes: int, ctx: int, quant: QuantConfig, sparsity: float) -> PartBytes:
+    """Quantized layers add one dequantization tile in the compute dtype to the workspace
+    (`ferry.model.dequant.tile_numel`): layers the packed kernel takes need none, the others
+    are dequantized a tile at a time."""
     b, h = dtype_bytes, cfg.hidden_size
     layout = LayerLayout.for_config(cfg)
     store = QuantLayout.for_config(cfg, quant) if quant.enabled else layout
@@ -73,9 +87,9 @@ def part_bytes(cfg: ModelConfig, dtype_bytes: int, ctx: int, quant: QuantConfig,
     return PartBytes(
         layer=store.numel * unit,
         prefix=store.prefix_numel(kept_neurons(cfg.intermediate_size, sparsity)) * unit,
-        embed=embed, embed_row=h * b, lm_head=0 if cfg.tie_word_embeddings else embed, norm=h * b,
+        embed=embed, embed_row=h * b, lm_head=head_bytes(cfg, b, quant), norm=h * b,
         kv_cache=2 * cfg.num_layers * cfg.num_kv_heads * ctx * cfg.head_dim * b,
-        workspace=workspace + (layout.numel * b if quant.enabled else 0),
+        workspace=workspace + (tile_numel(layout) * b if quant.enabled else 0),
         quant_group=store.group if quant.enabled else 0)
 
 
@@ -91,6 +105,29 @@ def link_bytes(layer: int, prefix: int, streamed: int, prefix_resident: int, emb
 
 
 @dataclass(frozen=True)
+class LayerReads:
+    """Device-memory bytes a pass reads (and writes) for one layer, as its kernels do it."""
+
+    full: int
+    sparse: int
+
+
+def layer_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity: float, fused: bool) -> LayerReads:
+    """Unquantized: the weights a pass uses. Quantized on the packed kernel (fused): the codes where
+    they lie, and a sparse step reads all of down_proj (it stays in checkpoint order). Quantized
+    through dequantization tiles: the packed bytes, then every value written and read again in
+    the compute dtype."""
+    b, layout, k = dtype_bytes, LayerLayout.for_config(cfg), kept_neurons(cfg.intermediate_size, sparsity)
+    if not quant.enabled:
+        return LayerReads(layout.numel * b, layout.prefix_numel(k) * b)
+    q = QuantLayout.for_config(cfg, quant)
+    if fused:
+        rest = (cfg.intermediate_size - k) * cfg.hidden_size * q.bits // 8
+        return LayerReads(q.numel, q.prefix_numel(k) + rest)
+    return LayerReads(q.numel + 2 * layout.numel * b, q.prefix_numel(k) + 2 * layout.prefix_numel(k) * b)
+
+
+@dataclass(frozen=True)
 class StepBytes:
     """Per kind of pass: bytes crossing the link and bytes read from device memory."""
 
@@ -98,14 +135,18 @@ class StepBytes:
     head_bytes: int  # lm_head and final norm, read by every pass
     full_link: int
     sparse_link: int
-    full_read: int  # every layer, lm_head and final norm
+    full_read: int  # every layer (as its kernels read it), lm_head and final norm
     sparse_read: int  # attention + selected neurons of every layer, lm_head and final norm
+    full_stored: int = 0  # the same weights' bytes as stored (what streaming them would move)
+    sparse_stored: int = 0
 
     @classmethod
-    def of(cls, layers: int, layer_bytes: int, prefix_bytes: int, head_bytes: int,
-           link: dict[str, int]) -> "StepBytes":
-        return cls(layers, head_bytes, link["full_pass"], link["sparse_step"], layers * layer_bytes + head_bytes,
-                   layers * prefix_bytes + head_bytes)
+    def of(cls, layers: int, head_bytes: int, link: dict[str, int], reads: dict[str, int],
+           layer_bytes: int, prefix_bytes: int) -> "StepBytes":
+        """link: bytes each pass moves; reads: bytes the layers' kernels read per pass (lm_head
+        and norm are added here); layer_bytes, prefix_bytes: one layer and its prefix as stored."""
+        return cls(layers, head_bytes, link["full_pass"], link["sparse_step"], reads["full_pass"] + head_bytes,
+                   reads["sparse_step"] + head_bytes, layers * layer_bytes, layers * prefix_bytes)
 
 
 def sparse_cost_ratio(step: StepBytes, d_sparse_fraction: float) -> float:

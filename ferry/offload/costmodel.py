@@ -97,12 +97,23 @@ def _cycle(passes: list[tuple[int, _Pass]], tokens: float, gpu: Gpu, schedule: s
     return Estimate(total / tokens, moved / tokens, "link" if link_s >= read_s else "memory")
 
 
+def _speculative(full: _Pass, sparse: _Pass, drafts: int, tokens: float, gpu: Gpu) -> Estimate:
+    """A chunk whose K-1 drafts run inside the full pass's link time (speculation): the cycle
+    costs the larger of the full pass's link and all the compute, not their sum."""
+    link = full.link / (gpu.link_gbps * 1e9)
+    sparse_s = max(sparse.link / (gpu.link_gbps * 1e9), sparse.read / (gpu.memory_gbps * 1e9))
+    compute = full.read / (gpu.memory_gbps * 1e9) + drafts * sparse_s
+    moved = full.link + drafts * sparse.link
+    return Estimate(max(link, compute) / tokens, moved / tokens, "link" if link >= compute else "memory")
+
+
 def predict(c: StepBytes, gpu: Gpu, period: int = 16, aal: float | None = None,
-            schedule: str = "pipelined") -> dict[str, Estimate]:
+            schedule: str = "pipelined", speculate: bool = False) -> dict[str, Estimate]:
     """dense and sparse decoding and Sirius ("ferry") under the plan's residency and `schedule`;
     Sirius as published: serial with device-wide synchronizes, every layer streaming (its sparse
     steps the selected prefix, its full passes whole layers). aal defaults to the period (every
-    draft kept)."""
+    draft kept). speculate: the next chunk's drafts run during the full pass (pipelined, the
+    sparse set resident, the full pass streaming); counted as if every speculation is kept."""
     aal = float(period) if aal is None else aal
     if period < 1 or not 0 < aal <= period:
         raise FerryError(f"need period >= 1 and 0 < AAL <= period, got period {period}, AAL {aal}")
@@ -112,23 +123,33 @@ def predict(c: StepBytes, gpu: Gpu, period: int = 16, aal: float | None = None,
     syncs = 2 * n if schedule == "published" else 0
     full, sparse = _Pass(c.full_link, c.full_read, syncs), _Pass(c.sparse_link, c.sparse_read, syncs)
     dense = _cycle([(1, full)], 1, gpu, schedule)
-    published = [(period - 1, _Pass(c.sparse_read - c.head_bytes, c.sparse_read, 2 * n)),
-                 (1, _Pass(c.full_read - c.head_bytes, c.full_read, 2 * n))]
+    published = [(period - 1, _Pass(c.sparse_stored, c.sparse_read, 2 * n)),
+                 (1, _Pass(c.full_stored, c.full_read, 2 * n))]
+    overlap = speculate and schedule == "pipelined" and c.full_link > 0 and period > 1
+    ferry = (_speculative(full, sparse, period - 1, aal, gpu) if overlap
+             else _cycle([(period - 1, sparse), (1, full)], aal, gpu, schedule))
     return {
         "dense": dense,
         "sparse": _cycle([(1, sparse)], 1, gpu, schedule),
         "sirius_published": _cycle(published, aal, gpu, "published"),
         # Without sparsity ferry decodes densely (there is nothing to correct).
-        "ferry": _cycle([(period - 1, sparse), (1, full)], aal, gpu, schedule)
-        if c.sparse_read < c.full_read else dense,
+        "ferry": ferry if c.sparse_read < c.full_read else dense,
     }
 
 
 def predict_for_plan(plan: Plan, gpu: Gpu, *, period: int = 16, aal: float | None = None,
-                     schedule: str = "pipelined") -> dict[str, Estimate]:
+                     schedule: str = "pipelined", speculate: bool = False) -> dict[str, Estimate]:
     """The predictions for a plan as `make_plan` (or a loaded engine's `.plan`) gives it: what
-    `ferry plan` prints, and what measurements are set beside."""
-    return predict(plan.step_bytes, gpu, period, aal, schedule)
+    `ferry plan` prints, and what measurements are set beside. speculate applies only where the
+    scheduler would speculate: every selected set resident (a sparse step moves no layer bytes)."""
+    return predict(plan.step_bytes, gpu, period, aal, schedule, speculates(plan, speculate))
+
+
+def speculates(plan: Plan, speculate: bool) -> bool:
+    """Whether decoding under this plan speculates when asked to: the selected sets are all
+    resident (drafting moves no layer bytes) and the full pass streams."""
+    resident = len(plan.prefix_layers) + len(plan.resident_layers) == plan.num_layers
+    return speculate and plan.sparsity > 0 and resident and bool(plan.streamed_layers)
 
 
 def implied_aal(dense_s: float, sparse_s: float, sirius_s: float, period: int) -> float:
@@ -137,9 +158,10 @@ def implied_aal(dense_s: float, sparse_s: float, sirius_s: float, period: int) -
 
 
 def predictions_json(preds: dict[str, Estimate], gpu: Gpu, period: int, aal: float | None,
-                     schedule: str) -> dict:
+                     schedule: str, speculate: bool = False) -> dict:
     return {
         "gpu": asdict(gpu), "period": period, "aal": float(period) if aal is None else aal, "schedule": schedule,
+        "speculate": speculate,
         "s_per_token": {k: e.s_per_token for k, e in preds.items()},
         "bytes_per_token": {k: e.bytes_per_token for k, e in preds.items()},
         "bound": {k: e.bound for k, e in preds.items()},
@@ -151,11 +173,12 @@ _LABELS = {"dense": "dense streaming", "sparse": "sparse only", "sirius_publishe
 
 
 def describe_predictions(preds: dict[str, Estimate], gpu: Gpu, period: int, aal: float | None,
-                         schedule: str) -> str:
+                         schedule: str, speculate: bool = False) -> str:
     """The predictions as a short table, for under the plan's description."""
     aal = float(period) if aal is None else aal
     rows = [f"predicted    {gpu.name}: link {gpu.link_gbps:g} GB/s, memory {gpu.memory_gbps:g} GB/s; "
-            f"K={period}, AAL {aal:g}; {schedule} (Sirius as published: serial)",
+            f"K={period}, AAL {aal:g}; {schedule}{', speculating' if speculate else ''} "
+            f"(Sirius as published: serial)",
             f"  {'':20} {'s/token':>8} {'tokens/s':>9} {'bytes/token':>12}  bound"]
     for key, e in preds.items():
         rows.append(f"  {_LABELS.get(key, key):20} {e.s_per_token:8.3f} {1 / e.s_per_token:9.2f} "

@@ -15,9 +15,8 @@ share). A layer is in one of three places:
   moves the whole layer too.
 
 Quantized weights (`quant`): host buffers, slots and resident prefixes hold the bytes of
-`QuantLayout` (the ranges above are then byte ranges); when such a layer is acquired the part the
-pass uses is dequantized into one work buffer laid out like an unquantized layer, whose views the
-model math reads. Resident layers are packed once for the int4 kernel where it takes them
+`QuantLayout` (the ranges above are then byte ranges); a pass over such a layer dequantizes one
+tile at a time into a small workspace (`ferry.model.dequant`). Resident layers are packed once for the int4 kernel where it takes them
 (`ferry.model.packed`: products on the codes, nothing dequantized), else kept as `QuantLayout`
 bytes and dequantized like the others. Either way they stay quantized, which is what lets a large
 selected set fit on the device.
@@ -32,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 
 from ferry.kernels.gather import gather_rows
-from ferry.model.dequant import dequantize_jobs, record_jobs
+from ferry.model.dequant import quant_views, tile_numel, vector_buffers, vector_jobs
 from ferry.model.packed import PackedLayer, can_pack, pack_layer
 from ferry.model.quant import QuantLayout
 from ferry.model.weights import Kind, LayerLayout, LayerWeights
@@ -85,7 +84,8 @@ class LayerStore:
             for layer in sorted(resident):  # one layer's bytes at a time: no second copy of the model
                 self.packed[layer] = pack_layer(quant, resident.pop(layer), dtype)
         dequantized = quant is not None and (host or resident)
-        self.work = torch.empty(layout.numel, dtype=dtype, device=device) if dequantized else None
+        self.work = torch.empty(tile_numel(layout), dtype=dtype, device=device) if dequantized else None
+        self.vectors = vector_buffers(layout, dtype, device) if dequantized else {}
         self.order = tuple(sorted(host))  # streamed layers in visiting order
         self.prefix_layers = tuple(prefix_layers)  # streamed layers whose selected prefix may stay
         self.prefix_buffers: dict[int, torch.Tensor] = {}  # the ones whose prefix is loaded now
@@ -121,7 +121,7 @@ class LayerStore:
         key = (layer, kind, slot)
         if self.quant is not None and layer not in self.packed:
             if key not in self._jobs:
-                self._jobs[key] = self._dequantize_jobs(layer, kind, slot)
+                self._jobs[key] = vector_jobs(self.quant, self._quant_source(layer, slot), self.vectors)
             for job in self._jobs[key]:
                 job()
         if key not in self._views:
@@ -134,8 +134,8 @@ class LayerStore:
         threshold = self.thresholds[layer] if kind == Kind.SPARSE and self.thresholds is not None else None
         if layer in self.packed:
             return self.packed[layer].weights(rows, threshold)
-        if self.quant is not None:  # dequantized into the work buffer: always one bundle
-            w = lay.views(self.work, rows=rows)
+        if self.quant is not None:  # dequantized tile by tile as the math reads it
+            w = self._quant_views(layer, rows, slot)
         elif layer in self.resident:
             w = lay.views(self.resident[layer], rows=rows)
         elif layer in self.prefix_buffers:
@@ -147,17 +147,18 @@ class LayerStore:
             w = lay.views(self.slots.buffers[slot], rows=rows)
         return replace(w, mlp_threshold=threshold) if threshold is not None else w
 
-    def _dequantize_jobs(self, layer: int, kind: Kind, slot: int | None) -> list[Callable[[], None]]:
-        q, n, k, backend = self.quant, self.layout.intermediate_size, self.rows, self.dequant_backend
-        rows = self._sparse_rows(kind)
+    def _quant_source(self, layer: int, slot: int | None) -> torch.Tensor:
+        """The bytes holding a quantized layer's attention part (and its first neurons)."""
         if layer in self.prefix_buffers:
-            jobs = dequantize_jobs(q, self.prefix_buffers[layer], self.work, k, backend)
-            if rows > k:  # the complement rows arrived at the start of the slot
-                jobs += record_jobs(q, self.slots.buffers[slot], self.prefix_buffers[layer],
-                                    self.layout.bundle(self.work, k, n), backend)
-            return jobs
-        src = self.resident[layer] if layer in self.resident else self.slots.buffers[slot]
-        return dequantize_jobs(q, src, self.work, rows, backend)
+            return self.prefix_buffers[layer]
+        return self.resident[layer] if layer in self.resident else self.slots.buffers[slot]
+
+    def _quant_views(self, layer: int, rows: int, slot: int | None) -> LayerWeights:
+        src, k = self._quant_source(layer, slot), self.rows
+        if layer in self.prefix_buffers and rows > k:  # the complement rows arrived in the slot
+            return quant_views(self.quant, src, self.vectors, k, self.work, self.dequant_backend,
+                               complement=self.slots.buffers[slot])
+        return quant_views(self.quant, src, self.vectors, rows, self.work, self.dequant_backend)
 
     # --- selection (the caller drains in-flight copies first) ----------------------------------
     def reorder_neurons(self, orders: Sequence[torch.Tensor], rows: int) -> None:

@@ -13,7 +13,10 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from ferry.model.quant import QuantConfig, QuantLayout
+from ferry.errors import FerryError
+from ferry.kernels.quant_fit import fit_groups
+from ferry.model.packed import int8_head
+from ferry.model.quant import QuantConfig, QuantLayout, head_group
 from ferry.model.weights import Kind, LayerLayout, ModelWeights
 from ferry.offload.checkpoint import Checkpoint, TensorReader
 from ferry.offload.pack import pack_layer
@@ -67,12 +70,32 @@ def read_matrix(reader: TensorReader, name: str, shape: tuple[int, int], dtype: 
     return out
 
 
+def head_blocks(reader: TensorReader, name: str, shape: tuple[int, int], group: int):
+    """(first row, int8 Grouped) blocks of lm_head: a checkpoint's int8 groups of this size as
+    stored (GGUF Q8_0), anything else quantized from its values (plain ranges: int8's rounding
+    is a 254th of a group's range, and the head is quantized at every load, not cached)."""
+    grouped = reader.grouped(name, shape)
+    keep = grouped is not None and grouped.bits == 8 and grouped.group == group
+    values = None if grouped is not None else reader.get(name, shape)
+    for lo in range(0, shape[0], DEQUANT_ROWS):
+        rows = slice(lo, lo + DEQUANT_ROWS)
+        if keep:
+            yield lo, grouped.rows(rows)
+        else:
+            block = grouped.rows(rows).dequantize(torch.float32) if grouped is not None else values[rows].float()
+            try:
+                yield lo, fit_groups(block, 8, group, fit=False)
+            except ValueError as err:  # a NaN or an infinity
+                raise FerryError(f"{name}: {err}") from None
+
+
 def load_model(
     checkpoint: Checkpoint, plan: Plan, dtype: torch.dtype, device: torch.device, link: Link,
     pipelined: bool = True, progress: bool = True, quant: QuantConfig = QuantConfig("none"),
 ) -> tuple[ModelWeights, LoadReport]:
     """quant: the decoder layers' weights are quantized (once, cached on disk) and stay quantized
-    in host and device memory; embeddings, lm_head and the final norm keep the compute dtype."""
+    in host and device memory; lm_head is int8 groups when quant.head_quantized; embeddings and
+    the final norm keep the compute dtype."""
     cfg = checkpoint.config
     layout = LayerLayout.for_config(cfg)
     reader = TensorReader(checkpoint)
@@ -89,7 +112,12 @@ def load_model(
     table = (cfg.vocab_size, cfg.hidden_size)  # an embedding short of vocab_size rows is refused here
     embed = read_matrix(reader, "model.embed_tokens.weight", table, dtype).to(embed_device)
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in reader
-    lm_head = embed.to(device) if tied else read_matrix(reader, "lm_head.weight", table, dtype).to(device)
+    head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    group = head_group(cfg, quant) if quant.head_quantized else 0
+    if group:
+        lm_head = int8_head(table, group, head_blocks(reader, head_name, table, group), device, dtype)
+    else:
+        lm_head = embed.to(device) if tied else read_matrix(reader, "lm_head.weight", table, dtype).to(device)
     norm = reader.get("model.norm.weight", (cfg.hidden_size,)).to(device=device, dtype=dtype)
     reader.close()
     peak = max(peak, psutil.Process().memory_info().rss)

@@ -14,10 +14,13 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from ferry.errors import FerryError, SettingError
 from ferry.model.config import ModelConfig
-from ferry.model.quant import QuantConfig
-from ferry.offload.accounting import StepBytes, link_bytes, part_bytes
+from ferry.model.packed import can_pack
+from ferry.model.quant import QuantConfig, QuantLayout, head_group
+from ferry.offload.accounting import StepBytes, layer_reads, link_bytes, part_bytes
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -66,6 +69,7 @@ class Plan:
     device_bytes: int  # everything the plan places on the device
     host_bytes: int  # the host store: streamed layers (+ embeddings when kept there)
     link_bytes: dict[str, int] = field(default_factory=dict)  # per pass: full_pass, sparse_step
+    read_bytes: dict[str, int] = field(default_factory=dict)  # per pass, the layers' device reads
     problems: tuple[str, ...] = ()
     sparsity: float = 0.0
     prefix_layers: tuple[int, ...] = ()  # streamed layers whose selected neurons stay resident
@@ -74,6 +78,7 @@ class Plan:
     quant: str = "none"  # none, int8, int4: layer, prefix and slot bytes are then the packed sizes
     quant_group: int = 0  # values per quantization scale (0: not quantized)
     batch_size: int = 1  # sequences decoded together: KV cache and workspace are for all of them
+    lm_head_quant: str = "none"  # int8: lm_head held as int8 groups
 
     @property
     def num_layers(self) -> int:
@@ -83,7 +88,7 @@ class Plan:
     def step_bytes(self) -> StepBytes:
         """Bytes each kind of pass moves and reads under this plan (what the cost model prices)."""
         head = (self.lm_head_bytes or self.embed_bytes) + self.norm_bytes
-        return StepBytes.of(self.num_layers, self.layer_bytes, self.prefix_bytes, head, self.link_bytes)
+        return StepBytes.of(self.num_layers, head, self.link_bytes, self.read_bytes, self.layer_bytes, self.prefix_bytes)
 
     @property
     def pinned_bytes(self) -> int:
@@ -121,11 +126,12 @@ def make_plan(
 ) -> Plan:
     """With Griffin sparsity a sparse step reads a prefix of each layer (attention + the selected
     neurons); CATS reads whole layers (every gate row is needed). prefix_resident: with Griffin,
-    keep the selected neurons of streamed layers on the device. Per byte of device memory that saves more link traffic than whole layers do (a
-    prefix is read by every sparse step and spares the full pass its bytes too), so prefixes
-    take the room first, then the leftover turns prefixes into whole resident layers.
-    quant: layers, prefixes and slots hold packed integers and scales; the device also holds one
-    compute-dtype layer that each acquired layer is dequantized into (counted in the workspace).
+    keep the selected neurons of streamed layers on the device. Per byte of device memory that
+    saves more link traffic than whole layers do (a prefix is read by every sparse step and
+    spares the full pass its bytes too), so prefixes take the room first, then the leftover
+    turns prefixes into whole resident layers.
+    quant: layers, prefixes and slots hold packed integers and scales; the workspace adds one
+    dequantization tile; lm_head is int8 when quant.head_quantized.
     batch_size: B sequences of up to ctx tokens each; their KV caches and one prefill over all
     their prompts take B times the room of one (both grow with the tokens held)."""
     if prefetch_depth < 1:
@@ -136,7 +142,8 @@ def make_plan(
         raise FerryError(f"batch size must be at least 1, got {batch_size}")
     parts = part_bytes(cfg, dtype_bytes, ctx * batch_size, quant, sparsity)
     layer, prefix, embed, lm_head = parts.layer, parts.prefix, parts.embed, parts.lm_head
-    fixed = parts.kv_cache + parts.workspace + parts.norm + (embed if cfg.tie_word_embeddings else lm_head)
+    head_is_embed = lm_head == 0  # tied and not quantized: the embedding table serves as lm_head
+    fixed = parts.kv_cache + parts.workspace + parts.norm + (embed if head_is_embed else lm_head)
     problems: list[str] = []
     row_sparse = sparsity > 0 and sparse_method == "griffin"
     n_resident, slots, n_prefix = _place_layers(cfg.num_layers, budget_bytes - fixed, layer, prefix,
@@ -146,13 +153,13 @@ def make_plan(
             f"the device budget {fmt_bytes(budget_bytes)} is below the {fmt_bytes(fixed)} needed before "
             f"any layer (KV cache for {_tokens(ctx, batch_size)} {fmt_bytes(parts.kv_cache)}, lm_head "
             f"{fmt_bytes(max(lm_head, embed))}, workspace {fmt_bytes(parts.workspace)})")
-    elif slots and (budget_bytes - fixed) // layer < prefetch_depth:
+    elif slots and (budget_bytes - fixed) // layer < slots:
         problems.append(
-            f"the device budget {fmt_bytes(budget_bytes)} cannot hold {prefetch_depth} streaming "
+            f"the device budget {fmt_bytes(budget_bytes)} cannot hold {slots} streaming "
             f"slot(s) of one layer ({fmt_bytes(layer)} each) beside the {fmt_bytes(fixed)} of KV "
             f"cache, lm_head and workspace; raise the device budget or lower the prefetch depth")
     streamed = tuple(range(n_resident, cfg.num_layers))
-    embed_on_device = cfg.tie_word_embeddings or (
+    embed_on_device = head_is_embed or (
         not streamed and budget_bytes - fixed - cfg.num_layers * layer >= embed)
     device_bytes = (fixed + (n_resident + slots) * layer + n_prefix * prefix
                     + (embed if embed_on_device and lm_head else 0))
@@ -167,16 +174,28 @@ def make_plan(
             f"{fmt_bytes(host_available_bytes)} available")
     moved = link_bytes(layer, prefix, len(streamed), n_prefix, 0 if embed_on_device else parts.embed_row,
                        row_sparse)
+    fused = quant.enabled and packed_kernel(cfg, quant, device)
+    plain, fast = (layer_reads(cfg, dtype_bytes, quant, sparsity, f) for f in (False, fused))
+    n_fast = n_resident if fused else 0  # resident layers run the packed kernel, the rest dequantize
+    reads = {"full_pass": n_fast * fast.full + (cfg.num_layers - n_fast) * plain.full,
+             "sparse_step": n_fast * fast.sparse + (cfg.num_layers - n_fast) * plain.sparse}
     return Plan(
-        device=device, dtype_bytes=dtype_bytes, ctx=ctx, prefetch_depth=prefetch_depth,
+        device=device, dtype_bytes=dtype_bytes, ctx=ctx, prefetch_depth=slots or prefetch_depth,
         budget_bytes=budget_bytes, host_available_bytes=host_available_bytes, layer_bytes=layer,
         resident_layers=tuple(range(n_resident)), streamed_layers=streamed, kv_cache_bytes=parts.kv_cache,
         workspace_bytes=parts.workspace, lm_head_bytes=lm_head, norm_bytes=parts.norm, embed_bytes=embed,
         embed_on_device=embed_on_device, slot_count=slots, device_bytes=device_bytes,
-        host_bytes=host_bytes, link_bytes=moved, problems=tuple(problems), sparsity=sparsity,
+        host_bytes=host_bytes, link_bytes=moved, read_bytes=reads, problems=tuple(problems), sparsity=sparsity,
         prefix_layers=streamed[:n_prefix], prefix_bytes=prefix, sparse_method=sparse_method,
         quant=quant.method, quant_group=parts.quant_group, batch_size=batch_size,
+        lm_head_quant="int8" if quant.head_quantized and head_group(cfg, quant) else "none",
     )
+
+
+def packed_kernel(cfg: ModelConfig, quant: QuantConfig, device: str) -> bool:
+    """Whether resident quantized layers run on the packed int4 kernel on this device (the CPU's,
+    for shapes it takes); elsewhere every quantized layer is dequantized tile by tile."""
+    return device == "cpu" and can_pack(QuantLayout.for_config(cfg, quant), torch.device("cpu"))
 
 
 def _tokens(ctx: int, batch: int) -> str:
@@ -191,9 +210,12 @@ def _place_layers(n_layers: int, room: int, layer: int, prefix: int, depth: int,
     capacity = max(0, room // layer)
     if capacity >= n_layers:
         return n_layers, 0, 0
-    n_resident, slots = max(0, capacity - depth), depth
     if not (prefixes and prefix < layer):
-        return n_resident, slots, 0
+        return max(0, capacity - depth), depth, 0
+    # The sparse set comes before prefetching: fewer slots (at least one) when that keeps every
+    # layer's selected neurons resident. A sparse step then moves nothing at all, while a full
+    # pass loses only the overlap of one layer's copy with the previous one's compute.
+    slots = next((d for d in range(depth, 0, -1) if room - d * layer >= n_layers * prefix), depth)
     spare = max(0, room - slots * layer)
     n_prefix = min(n_layers, spare // prefix)
     n_resident = min(n_prefix, (spare - n_prefix * prefix) // (layer - prefix)) if n_prefix == n_layers else 0
@@ -210,14 +232,15 @@ def describe(plan: Plan, cfg: ModelConfig, name: str) -> str:
         f"{plan.dtype_bytes} bytes/parameter, context {plan.ctx} tokens",
         f"one layer    {fmt_bytes(plan.layer_bytes)}"
         + (f" ({plan.quant}, groups of {plan.quant_group} values with an fp16 scale"
-           f"{' and min' if plan.quant == 'int4' else ''}; the workspace holds one dequantized layer)"
+           f"{' and min' if plan.quant == 'int4' else ''}; the workspace holds one dequantization tile)"
            if plan.quant != "none" else ""),
         "resident:",
         f"  KV cache   {fmt_bytes(plan.kv_cache_bytes)}"
         + (f" ({plan.batch_size} sequences of {plan.ctx} tokens)" if plan.batch_size > 1 else ""),
         f"  workspace  {fmt_bytes(plan.workspace_bytes)}",
         f"  lm_head    {fmt_bytes(plan.lm_head_bytes or plan.embed_bytes)}"
-        f"{' (tied to the embeddings)' if not plan.lm_head_bytes else ''}",
+        f"{' (tied to the embeddings)' if not plan.lm_head_bytes else ''}"
+        f"{' (int8 groups)' if plan.lm_head_quant == 'int8' else ''}",
         f"  embeddings {'on the device' if plan.embed_on_device else 'in host memory (one row per token moves)'}",
         f"  layers     {len(plan.resident_layers)} of {n} ({fmt_bytes(len(plan.resident_layers) * plan.layer_bytes)})",
         f"  slots      {plan.slot_count} x {fmt_bytes(plan.layer_bytes)} for streamed layers",
