@@ -15,8 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ferry.model.config import ModelConfig
 from ferry.model.dequant import tile_numel
+from ferry.model.packed import can_pack
 from ferry.model.quant import QuantConfig, QuantLayout, head_group
 from ferry.model.weights import LayerLayout
 
@@ -125,6 +128,23 @@ def layer_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity
         rest = (cfg.intermediate_size - k) * cfg.hidden_size * q.bits // 8
         return LayerReads(q.numel, q.prefix_numel(k) + rest)
     return LayerReads(q.numel + 2 * layout.numel * b, q.prefix_numel(k) + 2 * layout.prefix_numel(k) * b)
+
+
+def packed_kernel(cfg: ModelConfig, quant: QuantConfig, device: str) -> bool:
+    """Whether resident quantized layers run on the packed int4 kernel on this device (the CPU's,
+    for shapes it takes); elsewhere every quantized layer is dequantized tile by tile."""
+    return device == "cpu" and can_pack(QuantLayout.for_config(cfg, quant), torch.device("cpu"))
+
+
+def pass_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity: float, n_resident: int,
+               device: str) -> dict[str, int]:
+    """Device bytes each kind of pass reads over all layers: the resident ones on the packed
+    kernel where the device has it, the others (streamed, prefix-resident) through tiles."""
+    fused = quant.enabled and packed_kernel(cfg, quant, device)
+    plain, fast = (layer_reads(cfg, dtype_bytes, quant, sparsity, f) for f in (False, fused))
+    n_fast = n_resident if fused else 0
+    rest = cfg.num_layers - n_fast
+    return {"full_pass": n_fast * fast.full + rest * plain.full, "sparse_step": n_fast * fast.sparse + rest * plain.sparse}
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from ferry.errors import FerryError, SettingError
 from ferry.model.config import ModelConfig
-from ferry.model.packed import can_pack
-from ferry.model.quant import QuantConfig, QuantLayout, head_group
-from ferry.offload.accounting import StepBytes, layer_reads, link_bytes, part_bytes
+from ferry.model.quant import QuantConfig, head_group
+from ferry.offload.accounting import StepBytes, link_bytes, part_bytes, pass_reads
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -134,12 +131,9 @@ def make_plan(
     dequantization tile; lm_head is int8 when quant.head_quantized.
     batch_size: B sequences of up to ctx tokens each; their KV caches and one prefill over all
     their prompts take B times the room of one (both grow with the tokens held)."""
-    if prefetch_depth < 1:
-        raise FerryError(f"prefetch depth must be at least 1, got {prefetch_depth}")
-    if ctx < 1:
-        raise FerryError(f"context length must be at least 1, got {ctx}")
-    if batch_size < 1:
-        raise FerryError(f"batch size must be at least 1, got {batch_size}")
+    for what, value in (("prefetch depth", prefetch_depth), ("context length", ctx), ("batch size", batch_size)):
+        if value < 1:
+            raise FerryError(f"{what} must be at least 1, got {value}")
     parts = part_bytes(cfg, dtype_bytes, ctx * batch_size, quant, sparsity)
     layer, prefix, embed, lm_head = parts.layer, parts.prefix, parts.embed, parts.lm_head
     head_is_embed = lm_head == 0  # tied and not quantized: the embedding table serves as lm_head
@@ -167,18 +161,13 @@ def make_plan(
     # A CPU "device" is a tier of the same RAM as the host store.
     host_need = host_bytes + (device_bytes if device == "cpu" else 0)
     if host_need > host_available_bytes:
-        problems.append(
-            f"host memory: {fmt_bytes(host_need)} needed ({len(streamed)} streamed layers of "
-            f"{fmt_bytes(layer)}{'' if embed_on_device else ', embeddings'}"
-            f"{', the CPU device tier' if device == 'cpu' else ''}), "
-            f"{fmt_bytes(host_available_bytes)} available")
+        problems.append(f"host memory: {fmt_bytes(host_need)} needed ({len(streamed)} streamed layers of "
+                        f"{fmt_bytes(layer)}{'' if embed_on_device else ', embeddings'}"
+                        f"{', the CPU device tier' if device == 'cpu' else ''}), "
+                        f"{fmt_bytes(host_available_bytes)} available")
     moved = link_bytes(layer, prefix, len(streamed), n_prefix, 0 if embed_on_device else parts.embed_row,
                        row_sparse)
-    fused = quant.enabled and packed_kernel(cfg, quant, device)
-    plain, fast = (layer_reads(cfg, dtype_bytes, quant, sparsity, f) for f in (False, fused))
-    n_fast = n_resident if fused else 0  # resident layers run the packed kernel, the rest dequantize
-    reads = {"full_pass": n_fast * fast.full + (cfg.num_layers - n_fast) * plain.full,
-             "sparse_step": n_fast * fast.sparse + (cfg.num_layers - n_fast) * plain.sparse}
+    reads = pass_reads(cfg, dtype_bytes, quant, sparsity, n_resident, device)
     return Plan(
         device=device, dtype_bytes=dtype_bytes, ctx=ctx, prefetch_depth=slots or prefetch_depth,
         budget_bytes=budget_bytes, host_available_bytes=host_available_bytes, layer_bytes=layer,
@@ -190,12 +179,6 @@ def make_plan(
         quant=quant.method, quant_group=parts.quant_group, batch_size=batch_size,
         lm_head_quant="int8" if quant.head_quantized and head_group(cfg, quant) else "none",
     )
-
-
-def packed_kernel(cfg: ModelConfig, quant: QuantConfig, device: str) -> bool:
-    """Whether resident quantized layers run on the packed int4 kernel on this device (the CPU's,
-    for shapes it takes); elsewhere every quantized layer is dequantized tile by tile."""
-    return device == "cpu" and can_pack(QuantLayout.for_config(cfg, quant), torch.device("cpu"))
 
 
 def _tokens(ctx: int, batch: int) -> str:
