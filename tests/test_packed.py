@@ -72,7 +72,7 @@ def test_shapes_without_whole_blocks_are_not_packed():
 
 
 def load(folder, kernel: bool, **options):
-    packed.ENABLED = None if kernel else False
+    packed.ENABLED = kernel  # True: the kernel in fp32 too (exact, slow), to compare with the reference
     try:
         return ferry.load(folder, dtype="fp32", ctx=64, progress=False, **options)
     finally:
@@ -128,7 +128,7 @@ def test_int8_head_equals_its_groups_dequantized(kernel, monkeypatch):
     from ferry.kernels.quant_fit import fit_groups
     from ferry.model.packed import GroupedMatrix, PackedMatrix, int8_head
 
-    monkeypatch.setattr(packed, "ENABLED", None if kernel else False)
+    monkeypatch.setattr(packed, "ENABLED", kernel)
     monkeypatch.setattr(packed, "TILE_ROWS", 128)  # several tiles for the tiled form
     w = torch.randn(400, 96, generator=torch.Generator().manual_seed(7))
     grouped = fit_groups(w, 8, 32, fit=False)

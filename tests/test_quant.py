@@ -17,7 +17,7 @@ from ferry.kernels import quant as kq
 from ferry.kernels.quant_fit import fit_groups, quantize_rows
 from ferry.kernels.gather import gather_rows
 from ferry.model.config import ModelConfig
-from ferry.model.dequant import dequantize_down, dequantize_layer
+from ferry.model.dequant import dequantize_down, dequantize_layer, tile_numel
 from ferry.model.quant import QuantConfig, QuantLayout, group_for, quantize_layer, write_down
 from ferry.model.weights import LayerLayout
 from ferry.offload.checkpoint import load_hf_config
@@ -248,7 +248,8 @@ def test_planner_counts_quantized_bytes():
         row = 0 if p.embed_on_device else 8192 * 2
         assert p.link_bytes["full_pass"] == (streamed - prefixes) * q.numel + prefixes * (q.numel - p.prefix_bytes) + row
         assert p.link_bytes["sparse_step"] == (streamed - prefixes) * p.prefix_bytes + row
-        assert p.workspace_bytes == plans["none"].workspace_bytes + LayerLayout.for_config(cfg).numel * 2
+        assert p.workspace_bytes == plans["none"].workspace_bytes + tile_numel(LayerLayout.for_config(cfg)) * 2
+        assert p.lm_head_quant == "int8" and p.lm_head_bytes == 128256 * (8192 + 8192 // 32 * 8)
     assert 0.31 < plans["int4"].layer_bytes / plans["none"].layer_bytes < 0.32  # 4 + 32 / 32 bits a weight
     assert 0.53 < plans["int8"].layer_bytes / plans["none"].layer_bytes < 0.54  # 8 + 16 / 32
     assert len(plans["none"].prefix_layers) < len(plans["int8"].prefix_layers) < len(plans["int4"].prefix_layers)

@@ -28,7 +28,14 @@ from ferry.kernels.quant import dequantize, pick_backend, unpack_int4
 from ferry.model.quant import QuantLayout
 from ferry.model.weights import LayerWeights
 
-ENABLED: bool | None = None  # None: wherever the kernel takes the layer; False forces dequantization
+# None: wherever the kernel takes the layer in bf16 (its fast path; its fp32 path is exact but
+# slower than dequantizing); True: in any dtype (tests compare with the reference in fp32);
+# False: never (the dequantizing path everywhere)
+ENABLED: bool | None = None
+
+
+def use_kernel(dtype: torch.dtype) -> bool:
+    return ENABLED is True or (ENABLED is None and dtype == torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ def int8_head(shape: tuple[int, int], group: int, blocks, device: torch.device,
     block a whole number of 64-row blocks but the last): packed for the kernel where it takes
     the shape, else kept as groups and dequantized by tiles."""
     v, h = shape
-    if ENABLED is not False and int4pack.supported(v, h, group, device):
+    if use_kernel(dtype) and int4pack.supported(v, h, group, device):
         parts = [Int4Matrix(torch.empty(v, h // 2, dtype=torch.uint8), torch.empty(h // group, v, 2, dtype=dtype), group)
                  for _ in range(2)]
         for lo, grouped in blocks:
@@ -157,9 +164,9 @@ class PackedLayer:
         return replace(self, gate=self.gate.permuted(order), up=self.up.permuted(order), index=self.index[order])
 
 
-def can_pack(q: QuantLayout, device: torch.device) -> bool:
+def can_pack(q: QuantLayout, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether every matrix of a layer in this layout takes the kernel on this device."""
-    if ENABLED is False:
+    if not use_kernel(dtype):
         return False
     h, i, g = q.hidden_size, q.intermediate_size, q.group
     shapes = [(sec.shape, False) for sec in q.sections if len(sec.shape) == 2 and sec.name != "down_groups"]

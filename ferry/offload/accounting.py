@@ -130,21 +130,28 @@ def layer_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity
     return LayerReads(q.numel + 2 * layout.numel * b, q.prefix_numel(k) + 2 * layout.prefix_numel(k) * b)
 
 
-def packed_kernel(cfg: ModelConfig, quant: QuantConfig, device: str) -> bool:
+def packed_kernel(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes: int) -> bool:
     """Whether resident quantized layers run on the packed int4 kernel on this device (the CPU's,
-    for shapes it takes); elsewhere every quantized layer is dequantized tile by tile."""
-    return device == "cpu" and can_pack(QuantLayout.for_config(cfg, quant), torch.device("cpu"))
+    for shapes it takes, in bf16: a 2-byte dtype on a CPU is taken to be bf16, the CPU default);
+    elsewhere every quantized layer is dequantized tile by tile."""
+    return device == "cpu" and dtype_bytes == 2 and can_pack(QuantLayout.for_config(cfg, quant), torch.device("cpu"))
 
 
 def pass_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity: float, n_resident: int,
                device: str) -> dict[str, int]:
     """Device bytes each kind of pass reads over all layers: the resident ones on the packed
-    kernel where the device has it, the others (streamed, prefix-resident) through tiles."""
-    fused = quant.enabled and packed_kernel(cfg, quant, device)
+    kernel where the device has it, the others (streamed, prefix-resident) through tiles; plus the
+    dequantization traffic of an int8 lm_head the kernel does not take."""
+    fused = quant.enabled and packed_kernel(cfg, quant, device, dtype_bytes)
     plain, fast = (layer_reads(cfg, dtype_bytes, quant, sparsity, f) for f in (False, fused))
     n_fast = n_resident if fused else 0
     rest = cfg.num_layers - n_fast
-    return {"full_pass": n_fast * fast.full + rest * plain.full, "sparse_step": n_fast * fast.sparse + rest * plain.sparse}
+    # an int8 lm_head off the kernel is dequantized by tiles: each value written and read again
+    kernel_head = device == "cpu" and dtype_bytes == 2 and cfg.vocab_size % 16 == 0
+    tiled_head = quant.head_quantized and head_group(cfg, quant) and not kernel_head
+    head = 2 * cfg.vocab_size * cfg.hidden_size * dtype_bytes if tiled_head else 0
+    return {"full_pass": n_fast * fast.full + rest * plain.full + head,
+            "sparse_step": n_fast * fast.sparse + rest * plain.sparse + head}
 
 
 @dataclass(frozen=True)
@@ -163,8 +170,9 @@ class StepBytes:
     @classmethod
     def of(cls, layers: int, head_bytes: int, link: dict[str, int], reads: dict[str, int],
            layer_bytes: int, prefix_bytes: int) -> "StepBytes":
-        """link: bytes each pass moves; reads: bytes the layers' kernels read per pass (lm_head
-        and norm are added here); layer_bytes, prefix_bytes: one layer and its prefix as stored."""
+        """link: bytes each pass moves; reads: bytes the kernels read per pass beyond lm_head's and
+        the norm's stored bytes (added here); layer_bytes, prefix_bytes: one layer and its prefix
+        as stored."""
         return cls(layers, head_bytes, link["full_pass"], link["sparse_step"], reads["full_pass"] + head_bytes,
                    reads["sparse_step"] + head_bytes, layers * layer_bytes, layers * prefix_bytes)
 

@@ -80,7 +80,7 @@ class LayerStore:
         self.quant, self.dequant_backend, self.device = quant, dequant_backend, device
         self.fmt, self.fmt_dtype = stored_as(layout, quant, dtype)
         self.packed: dict[int, PackedLayer] = {}  # resident layers in the kernel's form
-        if quant is not None and can_pack(quant, device):
+        if quant is not None and can_pack(quant, device, dtype):
             for layer in sorted(resident):  # one layer's bytes at a time: no second copy of the model
                 self.packed[layer] = pack_layer(quant, resident.pop(layer), dtype)
         dequantized = quant is not None and (host or resident)

@@ -120,10 +120,10 @@ def load_model(
         lm_head = embed.to(device) if tied else read_matrix(reader, "lm_head.weight", table, dtype).to(device)
     norm = reader.get("model.norm.weight", (cfg.hidden_size,)).to(device=device, dtype=dtype)
     reader.close()
-    peak = max(peak, psutil.Process().memory_info().rss)
     executor = LayerExecutor(layout, resident, host, plan.prefetch_depth, link, device, dtype,
                              pipelined, prefix_layers=plan.prefix_layers, quant=qlayout,
-                             dequant_backend=pick_backend(device, dtype))
+                             dequant_backend=pick_backend(device, dtype))  # packs resident layers
+    peak = max(peak, psutil.Process().memory_info().rss)
     store_bytes = sum(t.numel() * t.element_size() for t in host.values())
     if not plan.embed_on_device:
         store_bytes += embed.numel() * embed.element_size()
