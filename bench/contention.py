@@ -7,8 +7,9 @@ suffers more than one that launches few. This bench measures each engine's slowd
 load on the embedded default model (same process, same prompt, greedy, fixed length), runs
 interleaved quiet/loaded and ferry/transformers so drift hits all alike, median of a few runs.
 
-"ferry fitted" runs the same engine inside `ferry.kernels.threads.fitted_threads` (torch's team
-sized to the cores other processes leave free), what a generation would do with it wired in.
+"ferry" is the default (`threads="auto"`: each generation runs torch's team sized to the cores
+other processes leave free, `ferry.kernels.threads.fitted_threads`); "ferry fixed" pins torch's
+thread count (`threads=N`, N = torch's count), what ferry did before the fitting was wired in.
 The load is `--busy` subprocesses each spinning in pure Python (one core each, no OpenMP).
 Prints the thread settings, a table, the slowdown of each under load, then one JSON line.
 
@@ -28,7 +29,8 @@ import time
 import torch
 
 from decode_speed import PROMPT, load_pair  # the same model, prompt and loading, side by side
-from ferry.kernels.threads import fitted_threads, thread_settings
+import ferry
+from ferry.kernels.threads import thread_settings
 
 SPIN = "import time\nwhile True:\n    sum(range(1000))\n"
 
@@ -54,12 +56,6 @@ def time_ferry(engine, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def time_ferry_fitted(engine, n: int) -> float:
-    """ferry inside `fitted_threads`: torch's team sized to the cores free when it starts."""
-    with fitted_threads():
-        return time_ferry(engine, n)
-
-
 def time_hf(model, ids: torch.Tensor, n: int) -> float:
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -68,9 +64,9 @@ def time_hf(model, ids: torch.Tensor, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def measure(engine, hf, ids, n: int, runs: int, busy: int) -> dict[str, list[float]]:
+def measure(engine, fixed, hf, ids, n: int, runs: int, busy: int) -> dict[str, list[float]]:
     """tok/s per (engine, condition), quiet and loaded interleaved run by run."""
-    timers = {"ferry": lambda: time_ferry(engine, n), "ferry_fitted": lambda: time_ferry_fitted(engine, n),
+    timers = {"ferry": lambda: time_ferry(engine, n), "ferry_fixed": lambda: time_ferry(fixed, n),
               "hf": lambda: time_hf(hf, ids, n)}
     rates: dict[str, list[float]] = {f"{w}_{c}": [] for c in ("quiet", "load") for w in timers}
     for run in range(runs):
@@ -94,18 +90,20 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     args = parser.parse_args()
     engine, hf, ids = load_pair(args.dtype)
+    fixed = ferry.load(dtype=args.dtype, device="cpu", progress=False, reuse_prefix=False, quant="none",
+                       threads=torch.get_num_threads())
     n = args.new_tokens
-    time_ferry(engine, n), time_hf(hf, ids, n)  # warm-up: first-call costs out of the figures
+    time_ferry(engine, n), time_ferry(fixed, n), time_hf(hf, ids, n)  # warm-up: first-call costs out
     load_before = os.getloadavg()[0]
-    rates = measure(engine, hf, ids, n, args.runs, args.busy)
+    rates = measure(engine, fixed, hf, ids, n, args.runs, args.busy)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    slow = {w: med[f"{w}_quiet"] / med[f"{w}_load"] for w in ("ferry", "ferry_fitted", "hf")}
+    slow = {w: med[f"{w}_quiet"] / med[f"{w}_load"] for w in ("ferry", "ferry_fixed", "hf")}
     settings = thread_settings()
     print(f"SmolLM2-135M-Instruct, {args.dtype}, CPU ({os.cpu_count()} cores), {n} new tokens, "
           f"median of {args.runs} interleaved runs, load average before: {load_before:.2f}")
     print("threads: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     print(f"{'tok/s':14}{'quiet':>10}{f'{args.busy} busy':>10}{'slowdown':>10}")
-    for w, label in (("ferry", "ferry"), ("ferry_fitted", "ferry fitted"), ("hf", "transformers")):
+    for w, label in (("ferry", "ferry"), ("ferry_fixed", "ferry fixed"), ("hf", "transformers")):
         print(f"{label:14}{med[f'{w}_quiet']:10.2f}{med[f'{w}_load']:10.2f}{slow[w]:10.2f}")
     print(f"ferry/transformers: quiet {med['ferry_quiet'] / med['hf_quiet']:.2f}, "
           f"loaded {med['ferry_load'] / med['hf_load']:.2f}")
@@ -114,7 +112,7 @@ def main() -> None:
         "cores": os.cpu_count(), "busy_processes": args.busy, "new_tokens": n, "runs": args.runs,
         "load_average_before": round(load_before, 2), "threads": settings,
         **{f"{k}_tokens_per_s": round(v, 2) for k, v in med.items()},
-        "ferry_slowdown": round(slow["ferry"], 3), "ferry_fitted_slowdown": round(slow["ferry_fitted"], 3),
+        "ferry_slowdown": round(slow["ferry"], 3), "ferry_fixed_slowdown": round(slow["ferry_fixed"], 3),
         "transformers_slowdown": round(slow["hf"], 3),
         "all_runs": {k: [round(x, 2) for x in v] for k, v in rates.items()},
     }))

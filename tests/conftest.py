@@ -86,3 +86,13 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
         return made[key]
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def steady_threads(monkeypatch):
+    """Generations fit torch's thread count to the cores other processes leave free (threads
+    auto); tests compare generations exactly, so here the count does not follow the machine's
+    load (a changed count may change float summation order)."""
+    from ferry.kernels import threads
+
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda samples=5: 0)

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+import ferry
+
 from ferry.offload import cpu_links
 from ferry.offload.cpu_links import EmulatedLink
 
@@ -268,3 +270,35 @@ def test_concurrent_cats_writers_leave_one_whole_file(tmp_path):
     assert not bad, bad[:3]
     assert path.read_text() in tables
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_generation_runs_on_the_free_cores_and_gives_the_count_back(tiny_model_dir, monkeypatch):
+    """threads auto: a generation (and a batch) runs with torch's team fitted to the cores other
+    processes leave free, and torch's setting comes back afterwards; threads N sets N at load."""
+    from ferry.kernels import threads
+
+    engine = ferry.load(tiny_model_dir("llama3"), dtype="fp32", ctx=64, progress=False)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(before + 1)))
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda samples=5: before)  # one core left
+    seen = []
+    stream = engine.stream("The capital of France", max_new_tokens=3, ignore_eos=True)
+    for _ in stream:
+        seen.append(torch.get_num_threads())
+    assert len(seen) >= 3 and set(seen) == {1} and torch.get_num_threads() == before
+    seen.clear()
+    from ferry.engine import batch
+
+    step = batch.BatchRun.step
+    monkeypatch.setattr(batch.BatchRun, "step", lambda run: (seen.append(torch.get_num_threads()), step(run))[1])
+    engine.generate_batch(["a b", "c d"], max_new_tokens=2, ignore_eos=True)
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
+    try:
+        fixed = ferry.load(tiny_model_dir("llama3"), dtype="fp32", ctx=64, progress=False, threads=1)
+        assert torch.get_num_threads() == 1
+        fixed.generate("a b", max_new_tokens=2)
+        assert torch.get_num_threads() == 1  # a fixed count is not fitted
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ferry.FerryError, match="threads"):
+        ferry.load(tiny_model_dir("llama3"), threads=0)

@@ -69,6 +69,10 @@ def period(text: str) -> int | str:
     return "auto" if text == "auto" else int_at_least(1)(text)
 
 
+def threads(text: str) -> int | str:
+    return "auto" if text == "auto" else int_at_least(1)(text)
+
+
 def port(text: str) -> int:
     value = int_at_least(0)(text)
     if value > 65535:
@@ -141,6 +145,9 @@ FLAGS: dict[str, Flag] = {
     "batch_size": Flag(("--batch-size",), "prompts of a --prompt-file decoded together, sharing every "
                        "weight read; the plan holds their KV caches (default: as many as the memory plan "
                        "holds, up to 8)", type=int_at_least(1), metavar="B"),
+    "threads": Flag(("--threads",), "CPU threads for the model math: auto fits torch's thread count, at each "
+                    "generation, to the cores other processes leave free; N uses exactly N (default {default})",
+                    type=threads, metavar="N|auto"),
     "reuse_prefix": Flag(("--reuse-prefix",), "a prompt that begins with the previous sequence (a chat's "
                          "next turn, a prompt file's shared preamble) prefills only the rest (default {default})",
                          action=ON_OFF),

@@ -32,7 +32,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ferry.engine.generation import Generation, Request, generation_stats, select_neurons, uses_griffin
-from ferry.engine.runtime import Runtime
+from ferry.engine.runtime import Runtime, thread_scope
 from ferry.engine.text import Detokenizer, encode_prompt
 from ferry.errors import FerryError, SettingError
 from ferry.model.forward import Segment, forward_batch
@@ -228,7 +228,12 @@ def generate_batch(rt: Runtime, requests: Iterable[Request],
     the runtime's) running at once: a finished sequence's place goes to the next request at the
     next token boundary. A request refused on its own (a prompt longer than the context) yields
     its FerryError in place of a Generation; the others run on."""
-    run, size = BatchRun(rt), batch_size or rt.config.runtime.batch_size
+    with thread_scope(rt):
+        yield from _refill(rt, requests, batch_size or rt.config.runtime.batch_size)
+
+
+def _refill(rt: Runtime, requests: Iterable[Request], size: int) -> Iterator[tuple[int, Generation | FerryError]]:
+    run = BatchRun(rt)
     pending, index_of = enumerate(requests), {}
     while True:
         while len(run.active) < size:

@@ -44,6 +44,10 @@ class RuntimeConfig:
     progress: bool = True  # progress bars while loading, quantizing, calibrating
     reuse_prefix: bool = True  # a prompt that begins with the previous sequence prefills only the rest
     batch_size: int = 1  # sequences decoded together (a prompt file); the plan holds their KV caches
+    # CPU threads of torch's team: auto, torch's count fitted at each generation to the cores
+    # other processes leave free (a team larger than that waits at every parallel region for the
+    # member the scheduler parked); N: exactly N (set when the model loads)
+    threads: int | str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -56,6 +60,9 @@ class RuntimeConfig:
             raise SettingError("ctx", f"must be at least 1, got {self.ctx!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise SettingError("batch_size", f"must be an integer >= 1, got {self.batch_size!r}")
+        if self.threads != "auto" and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                       or self.threads < 1):
+            raise SettingError("threads", f"must be auto or an integer >= 1, got {self.threads!r}")
 
 
 def planned_ctx(ctx: int | None, max_positions: int) -> int:
@@ -113,6 +120,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "model": ("runtime", "model"), "dtype": ("runtime", "dtype"), "device": ("runtime", "device"),
     "ctx": ("runtime", "ctx"), "progress": ("runtime", "progress"),
     "reuse_prefix": ("runtime", "reuse_prefix"), "batch_size": ("runtime", "batch_size"),
+    "threads": ("runtime", "threads"),
     "gpu_memory": ("offload", "gpu_memory"), "host_memory": ("offload", "host_memory"),
     "prefetch_depth": ("offload", "prefetch_depth"), "emulate_link_gbps": ("offload", "emulate_link_gbps"),
     "schedule": ("offload", "schedule"), "resident_sparse": ("offload", "resident_sparse"),

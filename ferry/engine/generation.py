@@ -15,7 +15,7 @@ from typing import Generator
 
 import torch
 
-from ferry.engine.runtime import Runtime, ensure_context
+from ferry.engine.runtime import Runtime, ensure_context, thread_scope
 from ferry.engine.text import Detokenizer, Prompt, encode_prompt
 from ferry.errors import SettingError
 from ferry.model.forward import forward
@@ -122,6 +122,11 @@ def generate(rt: Runtime, request: Request, views: Views | None = None) -> Gener
 
 
 def _tokens(rt: Runtime, request: Request, ids: list[int], views: Views | None) -> Generator[Token, None, Generation]:
+    with thread_scope(rt):
+        return (yield from _run(rt, request, ids, views))
+
+
+def _run(rt: Runtime, request: Request, ids: list[int], views: Views | None) -> Generator[Token, None, Generation]:
     ctx = rt.context
     stats, detok, new = DecodeStats(), Detokenizer(rt.tokenizer), []
     link_before = rt.link.stats()

@@ -14,6 +14,7 @@ a request that begins with it prefills only what is new (a chat's next turn).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 
 from ferry.engine.config import DTYPES, FerryConfig, planned_ctx
 from ferry.errors import FerryError, SettingError
+from ferry.kernels.threads import fitted_threads
 from ferry.model.config import ModelConfig
 from ferry.model.kv_cache import KVCache
 from ferry.model.rope import Rope, rope_for
@@ -88,6 +90,8 @@ def build_runtime(config: FerryConfig, tokenizer: Any = None) -> Runtime:
     """Load the model `config` describes. tokenizer: one already loaded for this model.
     The runtime's config is `config` with quant='auto' resolved against the checkpoint."""
     folder, checkpoint, config, device, dtype = _resolve(config)
+    if config.runtime.threads != "auto":
+        torch.set_num_threads(config.runtime.threads)
     tokenizer = tokenizer or load_tokenizer(folder)
     stops = stop_ids(checkpoint.hf_config, tokenizer, folder)
     plan = _plan(config, checkpoint, device, dtype).check()
@@ -105,6 +109,12 @@ def build_runtime(config: FerryConfig, tokenizer: Any = None) -> Runtime:
         dtype=dtype, tokenizer=tokenizer, stop_ids=stops, plan=plan, link=link, weights=weights,
         sparse_weights=replace(weights, layers=PassView(executor, Kind.SPARSE)), executor=executor,
         load_report=report, tuner=make_tuner(config, plan, checkpoint.config), context=Context())
+
+
+def thread_scope(rt: Runtime):
+    """What a generation runs inside: torch's team fitted to the free cores (threads auto), or
+    nothing to do (a fixed count, set at load)."""
+    return fitted_threads() if rt.config.runtime.threads == "auto" and rt.device.type == "cpu" else nullcontext()
 
 
 def _resolve(config: FerryConfig) -> tuple[Path, Checkpoint, FerryConfig, torch.device, torch.dtype]:
