@@ -442,3 +442,29 @@ def test_port_flag_range(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--port", "70000"])
     assert exit_info.value.code == 2 and "--port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tokenizer_ids_past_the_model_are_400_and_serving_goes_on(tiny_model_dir, stream):
+    """A tokenizer with added tokens the model's embedding lacks: a prompt that uses one is
+    refused with a 400 naming the id, before any forward pass; other prompts are answered."""
+    from transformers import AutoTokenizer
+
+    folder = tiny_model_dir()
+
+    def engine():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.chat_template = TEMPLATE
+        extra = [f"<extra{i}>" for i in range(64)]
+        tokenizer.add_tokens(extra)
+        assert max(tokenizer.convert_tokens_to_ids(extra)) >= 384  # past the model's vocabulary
+        config = FerryConfig.from_options(model=str(folder), dtype="fp32", device="cpu", progress=False)
+        return Engine(config, tokenizer=tokenizer)
+
+    with serving(build_app(Worker(engine, 4), model_name="tiny")) as base:
+        status, reply = request(base, "POST", "/v1/completions", {"prompt": "Paris <extra63>", "stream": stream},
+                                key=None)
+        assert status == 400 and reply["error"]["type"] == "invalid_request_error"
+        assert "outside this model's vocabulary" in reply["error"]["message"]
+        status, reply = request(base, "POST", "/v1/completions", {"prompt": "Paris is", "max_tokens": 4}, key=None)
+        assert status == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length")
