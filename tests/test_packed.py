@@ -74,7 +74,7 @@ def test_shapes_without_whole_blocks_are_not_packed():
 def load(folder, kernel: bool, **options):
     packed.ENABLED = kernel  # True: the kernel in fp32 too (exact, slow), to compare with the reference
     try:
-        return ferry.load(folder, dtype="fp32", ctx=64, progress=False, **options)
+        return ferry.load(folder, **{"dtype": "fp32", "ctx": 64, "progress": False, **options})
     finally:
         packed.ENABLED = None
 
@@ -168,3 +168,44 @@ def test_tiles_smaller_than_a_layer_give_the_same_model(tiny_model_dir, quant_ca
     for prompt in PROMPTS:
         want = whole.generate(prompt, max_new_tokens=8, ignore_eos=True)
         assert tiled.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids == want.token_ids
+
+
+# --- the packed layers in every way generation uses them ----------------------------------------
+def test_batch_on_packed_layers_equals_each_sequence_alone(tiny_model_dir, quant_cache):
+    """Several sequences' rows through one packed product each, dense and strict Sirius."""
+    from ferry.engine.batch import generate_batch
+    from ferry.engine.generation import Request
+
+    folder = tiny_model_dir("llama3-blocks")
+    dense = load(folder, True, quant="int4", reuse_prefix=False)
+    sirius = load(folder, True, quant="int4", reuse_prefix=False, sparsity=0.5, accept="strict", period=4)
+    assert packed_layers(sirius) == 4
+    reqs = [Request(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, [9, 4, 7])]
+    want = [dense.generate(r.prompt, max_new_tokens=r.max_new_tokens, ignore_eos=True).token_ids for r in reqs]
+    for engine in (dense, sirius):
+        got = dict(generate_batch(engine.runtime, reqs, 3))
+        assert [got[i].token_ids for i in range(3)] == want
+
+
+def test_second_turn_on_packed_layers_equals_cold(tiny_model_dir, quant_cache):
+    """Prefix reuse keeps Griffin's sums across turns; the reorder permutes packed gate/up rows."""
+    folder = tiny_model_dir("llama3-blocks")
+    options = dict(quant="int4", ctx=96, sparsity=0.5, accept="strict", period=4)
+    warm, cold = load(folder, True, **options), load(folder, True, **options, reuse_prefix=False)
+    first = warm.generate("The capital of France", max_new_tokens=6, chat=False, ignore_eos=True)
+    second = "The capital of France" + first.text + " and"
+    two = warm.generate(second, max_new_tokens=8, chat=False, ignore_eos=True)
+    assert two.stats.reused_tokens > 0
+    assert two.token_ids == cold.generate(second, max_new_tokens=8, chat=False, ignore_eos=True).token_ids
+
+
+def test_packed_resident_and_tiled_streamed_layers_together(tiny_model_dir, quant_cache):
+    """One layer resident (packed), three streamed through tiles: the dequantized engine's output."""
+    folder = tiny_model_dir("qwen2-blocks")
+    options = dict(quant="int8", sparsity=0.5, mode="sparse", resident_sparse=False)
+    mixed = load(folder, True, **options, gpu_memory=budget(folder, QuantConfig("int8"), resident=1))
+    assert packed_layers(mixed) == 1 and len(mixed.plan.streamed_layers) == 3
+    ref = load(folder, False, **options)
+    for prompt in PROMPTS:
+        want = ref.generate(prompt, max_new_tokens=8, ignore_eos=True)
+        assert mixed.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids == want.token_ids
