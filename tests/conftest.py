@@ -96,3 +96,11 @@ def steady_threads(monkeypatch):
     from ferry.kernels import threads
 
     monkeypatch.setattr(threads, "busy_elsewhere", lambda samples=5: 0)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """ferry's cache folder ($FERRY_CACHE_DIR) in the test's own temporary folder."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(root))
+    return root

@@ -28,19 +28,15 @@ PROMPT = "The capital of France"
 COMMON = dict(dtype="fp32", ctx=64, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("FERRY_CACHE_DIR", str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 def logits(engine) -> torch.Tensor:
     return engine.logits(engine.encode(PROMPT, chat=False))
 
 
-def quant_files(cache: Path) -> list[Path]:
-    return sorted((cache / "quant").iterdir()) if (cache / "quant").exists() else []
+def quant_files(cache_dir: Path) -> list[Path]:
+    return sorted((cache_dir / "quant").iterdir()) if (cache_dir / "quant").exists() else []
 
 
 def fresh_quantized_logits(folder, monkeypatch, tmp_path, **options) -> torch.Tensor:
@@ -51,43 +47,43 @@ def fresh_quantized_logits(folder, monkeypatch, tmp_path, **options) -> torch.Te
 
 
 # --- the quantized cache ----------------------------------------------------------------------
-def test_scrambled_quant_cache_warns_and_is_rebuilt(tiny_model_dir, cache, monkeypatch, tmp_path):
+def test_scrambled_quant_cache_warns_and_is_rebuilt(tiny_model_dir, cache_dir, monkeypatch, tmp_path):
     folder = tiny_model_dir("llama3")
     want = fresh_quantized_logits(folder, monkeypatch, tmp_path)
     ferry.load(folder, **COMMON, quant="int4")
-    [path] = quant_files(cache)
+    [path] = quant_files(cache_dir)
     data = bytearray(path.read_bytes())
     data[1000:1064] = bytes(reversed(data[1000:1064]))  # same size, wrong bytes
     path.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="damaged"):
         engine = ferry.load(folder, **COMMON, quant="int4")
     torch.testing.assert_close(logits(engine), want, atol=0, rtol=0)
-    assert quant_files(cache) == [path] and path.read_bytes() != bytes(data)  # rebuilt in place
+    assert quant_files(cache_dir) == [path] and path.read_bytes() != bytes(data)  # rebuilt in place
     torch.testing.assert_close(logits(ferry.load(folder, **COMMON, quant="int4")), want, atol=0, rtol=0)
 
 
-def test_quant_cache_of_another_version_is_not_used_and_is_removed(tiny_model_dir, cache, monkeypatch):
+def test_quant_cache_of_another_version_is_not_used_and_is_removed(tiny_model_dir, cache_dir, monkeypatch):
     folder = tiny_model_dir("llama3")
     ferry.load(folder, **COMMON, quant="int8")
-    [path] = quant_files(cache)
+    [path] = quant_files(cache_dir)
     monkeypatch.setattr(cache_files, "ferry_version", lambda: "99.0")
     calls = []
     real = quant_store.pack_quant_layer
     monkeypatch.setattr(quant_store, "pack_quant_layer", lambda *a: (calls.append(1), real(*a))[1])
     ferry.load(folder, **COMMON, quant="int8")
-    assert len(calls) == 4 and len(quant_files(cache)) == 1 and path not in quant_files(cache)
+    assert len(calls) == 4 and len(quant_files(cache_dir)) == 1 and path not in quant_files(cache_dir)
     ferry.load(folder, **COMMON, quant="int4")  # another setting of the same model: both stay
-    assert len(quant_files(cache)) == 2
+    assert len(quant_files(cache_dir)) == 2
 
 
-def test_caches_of_a_deleted_model_are_removed_by_the_next_write(tiny_model_dir, cache, tmp_path):
+def test_caches_of_a_deleted_model_are_removed_by_the_next_write(tiny_model_dir, cache_dir, tmp_path):
     gone = Path(shutil.copytree(tiny_model_dir("llama3"), tmp_path / "deleted-model"))
     options = dict(**COMMON, quant="int4", sparsity=0.5, mode="sparse", sparse_method="cats")
     ferry.load(gone, **options)
     shutil.rmtree(gone)
     ferry.load(tiny_model_dir("qwen2"), **options)
-    assert [p.name for p in quant_files(cache)] == [p.name for p in quant_files(cache) if "qwen2" in p.name]
-    assert len(quant_files(cache)) == 1 and len(list((cache / "cats").iterdir())) == 1
+    assert [p.name for p in quant_files(cache_dir)] == [p.name for p in quant_files(cache_dir) if "qwen2" in p.name]
+    assert len(quant_files(cache_dir)) == 1 and len(list((cache_dir / "cats").iterdir())) == 1
 
 
 class FullDisk:
@@ -106,7 +102,7 @@ class FullDisk:
         return getattr(self.f, name)
 
 
-def test_full_disk_while_writing_the_quant_cache_warns_and_runs(tiny_model_dir, cache, monkeypatch, tmp_path):
+def test_full_disk_while_writing_the_quant_cache_warns_and_runs(tiny_model_dir, cache_dir, monkeypatch, tmp_path):
     folder = tiny_model_dir("llama3")
     want = fresh_quantized_logits(folder, monkeypatch, tmp_path)
     real = cache_files.create_partial
@@ -119,10 +115,10 @@ def test_full_disk_while_writing_the_quant_cache_warns_and_runs(tiny_model_dir, 
     with pytest.warns(UserWarning, match="No space left"):
         engine = ferry.load(folder, **COMMON, quant="int4")
     torch.testing.assert_close(logits(engine), want, atol=0, rtol=0)
-    assert quant_files(cache) == []  # the partial file is gone
+    assert quant_files(cache_dir) == []  # the partial file is gone
 
 
-def test_keyboard_interrupt_while_quantizing_leaves_no_partial_file(tiny_model_dir, cache, monkeypatch):
+def test_keyboard_interrupt_while_quantizing_leaves_no_partial_file(tiny_model_dir, cache_dir, monkeypatch):
     calls = []
     real = quant_store.pack_quant_layer
 
@@ -135,7 +131,7 @@ def test_keyboard_interrupt_while_quantizing_leaves_no_partial_file(tiny_model_d
     monkeypatch.setattr(quant_store, "pack_quant_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ferry.load(tiny_model_dir("llama3"), **COMMON, quant="int4")
-    assert quant_files(cache) == []
+    assert quant_files(cache_dir) == []
 
 
 def dead_pid() -> int:
@@ -144,14 +140,14 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def test_partials_of_dead_processes_are_removed(tiny_model_dir, cache):
-    (cache / "quant").mkdir(parents=True)
-    dead = cache / "quant" / f"model.bin.partial-{dead_pid()}-abc123"
+def test_partials_of_dead_processes_are_removed(tiny_model_dir, cache_dir):
+    (cache_dir / "quant").mkdir(parents=True)
+    dead = cache_dir / "quant" / f"model.bin.partial-{dead_pid()}-abc123"
     dead.write_bytes(b"half")
-    dead_dir = cache / "quant" / f"folder.partial-{dead_pid()}-xyz"
+    dead_dir = cache_dir / "quant" / f"folder.partial-{dead_pid()}-xyz"
     dead_dir.mkdir()
     (dead_dir / "shard").write_bytes(b"x")
-    alive = cache / "quant" / f"model.bin.partial-{os.getppid()}-def456"  # a live writer's file
+    alive = cache_dir / "quant" / f"model.bin.partial-{os.getppid()}-def456"  # a live writer's file
     alive.write_bytes(b"busy")
     ferry.load(tiny_model_dir("llama3"), **COMMON, quant="int8")
     assert not dead.exists() and not dead_dir.exists() and alive.exists()
@@ -205,12 +201,12 @@ def test_cache_keys_follow_group_size_fitting_mtime_and_version(tiny_model_dir, 
 
 
 # --- CATS thresholds --------------------------------------------------------------------------
-def test_read_only_cache_for_cats_warns_and_uses_the_thresholds(tiny_model_dir, cache, monkeypatch, tmp_path):
+def test_read_only_cache_for_cats_warns_and_uses_the_thresholds(tiny_model_dir, cache_dir, monkeypatch, tmp_path):
     folder = tiny_model_dir("llama3")
     options = dict(**COMMON, sparsity=0.5, mode="sparse", sparse_method="cats")
     monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "writable"))
     want = ferry.load(folder, **options).generate(PROMPT, max_new_tokens=8, ignore_eos=True).token_ids
-    monkeypatch.setenv("FERRY_CACHE_DIR", str(cache))
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(cache_dir))
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -222,11 +218,11 @@ def test_read_only_cache_for_cats_warns_and_uses_the_thresholds(tiny_model_dir, 
     assert engine.generate(PROMPT, max_new_tokens=8, ignore_eos=True).token_ids == want
 
 
-def test_stale_cats_cache_is_recomputed(tiny_model_dir, cache):
+def test_stale_cats_cache_is_recomputed(tiny_model_dir, cache_dir):
     folder = tiny_model_dir("llama3")
     options = dict(**COMMON, sparsity=0.5, mode="sparse", sparse_method="cats")
     ferry.load(folder, **options)
-    [path] = list((cache / "cats").iterdir())
+    [path] = list((cache_dir / "cats").iterdir())
     stored = json.loads(path.read_text())
     stored["ferry"] = "0.0.1"
     path.write_text(json.dumps(stored))
@@ -235,9 +231,9 @@ def test_stale_cats_cache_is_recomputed(tiny_model_dir, cache):
     assert json.loads(path.read_text())["ferry"] == cache_files.ferry_version()
 
 
-def test_cats_cache_follows_the_quantized_weights(tiny_model_dir, cache):
+def test_cats_cache_follows_the_quantized_weights(tiny_model_dir, cache_dir):
     folder = tiny_model_dir("llama3")
     options = dict(**COMMON, sparsity=0.5, mode="sparse", sparse_method="cats", quant="int4")
     ferry.load(folder, **options)
     ferry.load(folder, **options, quant_fit=False)
-    assert len(list((cache / "cats").iterdir())) == 2
+    assert len(list((cache_dir / "cats").iterdir())) == 2

@@ -19,15 +19,9 @@ from ferry.offload import cache_files, gguf as gguf_mod
 from ferry.offload.checkpoint import load_hf_config
 from helpers import llama_cpp_rope_freqs, write_gguf
 
-PROMPT = "The capital of France"
-COMMON = dict(dtype="fp32", ctx=64, progress=False)
+from test_faults_cache import COMMON, PROMPT
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("FERRY_CACHE_DIR", str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 # --- GGUF conversion --------------------------------------------------------------------------
@@ -40,12 +34,12 @@ def llama31_gguf(tiny_model_dir, tmp_path) -> tuple[Path, Path]:
     return write_gguf(folder, tmp_path / "tiny-llama31.gguf", {"rope_freqs.weight": freqs}), folder
 
 
-def test_rope_freqs_becomes_the_llama3_rope_of_the_converted_config(llama31_gguf, cache):
+def test_rope_freqs_becomes_the_llama3_rope_of_the_converted_config(llama31_gguf, cache_dir):
     from ferry.model.config import ModelConfig
     from ferry.model.rope import rope_inv_freq
 
     path, folder = llama31_gguf
-    out = gguf_mod.convert_gguf(path, cache)
+    out = gguf_mod.convert_gguf(path, cache_dir)
     got = ModelConfig.from_hf(load_hf_config(out))
     want = ModelConfig.from_hf(load_hf_config(folder))
     assert got.rope.kind == "llama3"
@@ -68,26 +62,26 @@ def test_rope_freqs_fit_recovers_llama_3_1_parameters():
         gguf_mod.rope_parameters_from_factors(np.linspace(1, 3, 64), 500000.0, 128, "x.gguf")
 
 
-def test_unknown_gguf_tensor_is_one_clear_error(tiny_model_dir, tmp_path, cache):
+def test_unknown_gguf_tensor_is_one_clear_error(tiny_model_dir, tmp_path, cache_dir):
     path = write_gguf(tiny_model_dir("llama3"), tmp_path / "odd.gguf",
                       {"blk.0.attn_mystery.weight": np.zeros(8, dtype=np.float32)})
     with pytest.raises(FerryError, match=r"odd\.gguf.*unknown GGUF tensor 'blk\.0\.attn_mystery\.weight'"):
-        gguf_mod.convert_gguf(path, cache)
-    assert list((cache / "gguf").iterdir()) == []  # nothing half-written left
+        gguf_mod.convert_gguf(path, cache_dir)
+    assert list((cache_dir / "gguf").iterdir()) == []  # nothing half-written left
 
 
-def test_truncated_gguf_is_one_clear_error(tiny_model_dir, tmp_path, cache):
+def test_truncated_gguf_is_one_clear_error(tiny_model_dir, tmp_path, cache_dir):
     path = write_gguf(tiny_model_dir("llama3"), tmp_path / "cut.gguf")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
     with pytest.raises(FerryError, match=r"cut\.gguf.*(truncated|not a readable)"):
-        gguf_mod.convert_gguf(path, cache)
+        gguf_mod.convert_gguf(path, cache_dir)
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(FerryError, match=r"garbage\.gguf"):
-        gguf_mod.convert_gguf(garbage, cache)
+        gguf_mod.convert_gguf(garbage, cache_dir)
 
 
-def test_second_converter_uses_the_folder_the_first_finished(llama31_gguf, cache, monkeypatch):
+def test_second_converter_uses_the_folder_the_first_finished(llama31_gguf, cache_dir, monkeypatch):
     path, _ = llama31_gguf
     real = gguf_mod._convert
     first: list[Path] = []
@@ -96,17 +90,17 @@ def test_second_converter_uses_the_folder_the_first_finished(llama31_gguf, cache
         real(src, tmp, head)
         shutil.copytree(tmp, first[0])
 
-    key_probe = gguf_mod.convert_gguf(path, cache)  # learn the target's name
+    key_probe = gguf_mod.convert_gguf(path, cache_dir)  # learn the target's name
     first.append(key_probe)
     shutil.rmtree(key_probe)
     monkeypatch.setattr(gguf_mod, "_convert", racing)
-    assert gguf_mod.convert_gguf(path, cache) == key_probe
-    assert [p.name for p in (cache / "gguf").iterdir()] == [key_probe.name]  # our partial is gone
+    assert gguf_mod.convert_gguf(path, cache_dir) == key_probe
+    assert [p.name for p in (cache_dir / "gguf").iterdir()] == [key_probe.name]  # our partial is gone
     monkeypatch.setattr(gguf_mod, "_convert", None)  # a complete folder is used without converting
-    assert gguf_mod.convert_gguf(path, cache) == key_probe
+    assert gguf_mod.convert_gguf(path, cache_dir) == key_probe
 
 
-def test_read_only_gguf_cache_converts_into_a_temporary_folder(llama31_gguf, cache, monkeypatch):
+def test_read_only_gguf_cache_converts_into_a_temporary_folder(llama31_gguf, cache_dir, monkeypatch):
     path, _ = llama31_gguf
 
     def read_only(target):
@@ -114,18 +108,18 @@ def test_read_only_gguf_cache_converts_into_a_temporary_folder(llama31_gguf, cac
 
     monkeypatch.setattr(cache_files, "make_partial_dir", read_only)
     with pytest.warns(UserWarning, match="temporary folder"):
-        out = gguf_mod.convert_gguf(path, cache)
-    assert cache not in out.parents and (out / "model.safetensors.index.json").is_file()
+        out = gguf_mod.convert_gguf(path, cache_dir)
+    assert cache_dir not in out.parents and (out / "model.safetensors.index.json").is_file()
 
 
-def test_gguf_cache_key_follows_mtime_and_version(llama31_gguf, cache, monkeypatch):
+def test_gguf_cache_key_follows_mtime_and_version(llama31_gguf, cache_dir, monkeypatch):
     path, _ = llama31_gguf
-    out = gguf_mod.convert_gguf(path, cache)
+    out = gguf_mod.convert_gguf(path, cache_dir)
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    touched = gguf_mod.convert_gguf(path, cache)
+    touched = gguf_mod.convert_gguf(path, cache_dir)
     assert not out.exists()  # a conversion of an older state of the file is removed
     monkeypatch.setattr(cache_files, "ferry_version", lambda: "99.0")
-    again = gguf_mod.convert_gguf(path, cache)
+    again = gguf_mod.convert_gguf(path, cache_dir)
     assert len({out, touched, again}) == 3 and not touched.exists()
-    assert [p for p in (cache / "gguf").iterdir()] == [again]
+    assert [p for p in (cache_dir / "gguf").iterdir()] == [again]
