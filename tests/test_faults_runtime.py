@@ -302,3 +302,22 @@ def test_generation_runs_on_the_free_cores_and_gives_the_count_back(tiny_model_d
         torch.set_num_threads(before)
     with pytest.raises(ferry.FerryError, match="threads"):
         ferry.load(tiny_model_dir("llama3"), threads=0)
+
+
+def test_overlapping_fitted_scopes_fit_from_the_setting_and_restore_it(monkeypatch):
+    """Two streams open at once, closed in either order: each fits from torch's own setting (not
+    from the other's fit), and the setting comes back when the last one ends."""
+    from ferry.kernels import threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(before + 2)))
+    busy = {"n": before + 1}  # one core left
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda samples=5: busy["n"])
+    first = threads.fitted_threads()
+    assert first.__enter__() == 1
+    busy["n"] = 0  # the load went away: the second scope gets the whole setting back
+    second = threads.fitted_threads()
+    assert second.__enter__() == before
+    first.__exit__(None, None, None)  # the first ends before the second
+    second.__exit__(None, None, None)
+    assert torch.get_num_threads() == before

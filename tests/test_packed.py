@@ -209,3 +209,24 @@ def test_packed_resident_and_tiled_streamed_layers_together(tiny_model_dir, quan
     for prompt in PROMPTS:
         want = ref.generate(prompt, max_new_tokens=8, ignore_eos=True)
         assert mixed.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_planner_counts_a_packed_layer_as_it_is_held(method):
+    """The plan's resident layer size equals the packed form's bytes, the sparse view's table
+    copies included (int8 holds two tables per matrix: more than its record bytes)."""
+    from ferry.offload.accounting import packed_layer_bytes
+
+    cfg, q, raw = quantized_layer(method)
+    layer = pack_layer(q, raw, torch.bfloat16)
+    sparse = layer.weights(100).mlp[0]  # 100 neurons: gate/up tables for the first 128 rows copied
+    tensors = [t for v in layer.attention.values() if v is not None
+               for t in ([v] if isinstance(v, torch.Tensor) else [x for p in v.parts for x in (p.packed, p.table)])]
+    tensors += [x for m in (layer.gate, layer.up, layer.down) for p in m.parts for x in (p.packed, p.table)]
+    tensors += [layer.index] + [p.table for m in (sparse.gate, sparse.up) for p in m.parts]
+    held = sum(t.numel() * t.element_size() for t in tensors)
+    quant = QuantConfig(method)
+    sparsity = 1 - 100 / cfg.intermediate_size
+    assert packed_layer_bytes(cfg, quant, 2, sparsity) == held
+    if method == "int8":
+        assert held > q.numel  # the reason the planner counts the packed form

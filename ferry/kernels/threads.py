@@ -107,15 +107,26 @@ def fit_threads(limit: int | None = None) -> int:
     return max(1, min(limit, cores - busy_elsewhere()))
 
 
+_scopes = {"open": 0, "baseline": 0}  # fitted_threads bodies running, torch's setting outside them
+_scope_lock = threading.Lock()
+
+
 @contextmanager
 def fitted_threads():
-    """Run the body on the cores free now (see the module notes); torch's setting comes back after."""
-    before = torch.get_num_threads()
-    n = fit_threads(before)
-    if n != before:
-        torch.set_num_threads(n)
+    """Run the body on the cores free now (see the module notes); torch's setting comes back when
+    the last open body ends. Bodies may overlap and end in any order (generators suspended
+    between tokens): each fits from the setting outside all of them, never from another's fit."""
+    with _scope_lock:
+        if _scopes["open"] == 0:
+            _scopes["baseline"] = torch.get_num_threads()
+        _scopes["open"] += 1
+        n = fit_threads(_scopes["baseline"])
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
     try:
         yield n
     finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
+        with _scope_lock:
+            _scopes["open"] -= 1
+            if _scopes["open"] == 0 and torch.get_num_threads() != _scopes["baseline"]:
+                torch.set_num_threads(_scopes["baseline"])

@@ -181,7 +181,7 @@ def pack_layer(q: QuantLayout, flat: torch.Tensor, dtype: torch.dtype) -> Packed
         if sec.name == "down_groups":
             continue
         if len(sec.shape) == 1:
-            attention[sec.name] = flat[sec.offset:sec.offset + sec.size].view(torch.float32).to(dtype)
+            attention[sec.name] = flat[sec.offset:sec.offset + sec.size].view(torch.float32).to(dtype, copy=True)
         else:
             attention[sec.name] = packed_matrix(*q.matrix(flat, sec), q.bits, dtype)
     codes, scales, mins, index = q.mlp_records(flat, 0, q.intermediate_size)

@@ -19,6 +19,7 @@ import torch
 
 from ferry.model.config import ModelConfig
 from ferry.model.dequant import tile_numel
+from ferry.kernels.int4pack import layout_matches
 from ferry.model.packed import can_pack
 from ferry.model.quant import QuantConfig, QuantLayout, head_group
 from ferry.model.weights import LayerLayout
@@ -64,6 +65,7 @@ class PartBytes:
     kv_cache: int  # keys and values for ctx positions
     workspace: int  # a prefill's activations over ctx tokens (+ what dequantization writes)
     quant_group: int  # values per quantization scale (0: not quantized)
+    resident_layer: int = 0  # a whole resident layer as the device holds it (0: the same as layer)
 
 
 def head_bytes(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig) -> int:
@@ -76,10 +78,28 @@ def head_bytes(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig) -> int:
     return 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * dtype_bytes
 
 
-def part_bytes(cfg: ModelConfig, dtype_bytes: int, ctx: int, quant: QuantConfig, sparsity: float) -> PartBytes:
+def packed_layer_bytes(cfg: ModelConfig, quant: QuantConfig, dtype_bytes: int, sparsity: float) -> int:
+    """A resident layer in the packed kernel's form (`ferry.model.packed.pack_layer`): each
+    matrix's codes and its tables of a scale and a zero per group in the compute dtype (int8:
+    two nibble matrices, two tables), norms and biases in the compute dtype, the neurons'
+    checkpoint positions (int64), and with sparsity the tables of the selected rows of gate and
+    up, copied whole for the kernel."""
+    q, b, h, i = QuantLayout.for_config(cfg, quant), dtype_bytes, cfg.hidden_size, cfg.intermediate_size
+    parts = 1 if q.bits == 4 else 2
+    shapes = [(cfg.q_size + 2 * cfg.kv_size, h), (h, cfg.q_size), (i, h), (i, h), (h, i)]
+    total = sum(n * k * q.bits // 8 + parts * (k // q.group) * n * 2 * b for n, k in shapes)
+    total += (2 * h + (cfg.q_size + 2 * cfg.kv_size if cfg.attention_bias else 0)) * b + 8 * i
+    if sparsity > 0:
+        blocks = min(i, -(-kept_neurons(i, sparsity) // 64) * 64)
+        total += 2 * parts * (h // q.group) * blocks * 2 * b
+    return total
+
+
+def part_bytes(cfg: ModelConfig, dtype_bytes: int, ctx: int, quant: QuantConfig, sparsity: float,
+               device: str = "cpu") -> PartBytes:
     """Quantized layers add one dequantization tile in the compute dtype to the workspace
-    (`ferry.model.dequant.tile_numel`): layers the packed kernel takes need none, the others
-    are dequantized a tile at a time."""
+    (`ferry.model.dequant.tile_numel`), and an int8 lm_head off the kernel its own tile of 4096
+    rows; resident layers the packed kernel takes are counted in its form."""
     b, h = dtype_bytes, cfg.hidden_size
     layout = LayerLayout.for_config(cfg)
     store = QuantLayout.for_config(cfg, quant) if quant.enabled else layout
@@ -92,8 +112,11 @@ def part_bytes(cfg: ModelConfig, dtype_bytes: int, ctx: int, quant: QuantConfig,
         prefix=store.prefix_numel(kept_neurons(cfg.intermediate_size, sparsity)) * unit,
         embed=embed, embed_row=h * b, lm_head=head_bytes(cfg, b, quant), norm=h * b,
         kv_cache=2 * cfg.num_layers * cfg.num_kv_heads * ctx * cfg.head_dim * b,
-        workspace=workspace + (tile_numel(layout) * b if quant.enabled else 0),
-        quant_group=store.group if quant.enabled else 0)
+        workspace=workspace + (tile_numel(layout) * b if quant.enabled else 0)
+        + (min(4096, cfg.vocab_size) * h * b if tiled_head(cfg, quant, device, b) else 0),
+        quant_group=store.group if quant.enabled else 0,
+        resident_layer=packed_layer_bytes(cfg, quant, b, sparsity) if quant.enabled and packed_kernel(
+            cfg, quant, device, b) else 0)
 
 
 def link_bytes(layer: int, prefix: int, streamed: int, prefix_resident: int, embed_row: int,
@@ -137,6 +160,12 @@ def packed_kernel(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes
     return device == "cpu" and dtype_bytes == 2 and can_pack(QuantLayout.for_config(cfg, quant), torch.device("cpu"))
 
 
+def tiled_head(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes: int) -> bool:
+    """Whether lm_head is int8 dequantized by tiles (int8 where the packed kernel does not take it)."""
+    kernel = device == "cpu" and dtype_bytes == 2 and cfg.vocab_size % 16 == 0 and layout_matches()
+    return bool(quant.head_quantized and head_group(cfg, quant)) and not kernel
+
+
 def pass_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity: float, n_resident: int,
                device: str) -> dict[str, int]:
     """Device bytes each kind of pass reads over all layers: the resident ones on the packed
@@ -147,9 +176,7 @@ def pass_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity:
     n_fast = n_resident if fused else 0
     rest = cfg.num_layers - n_fast
     # an int8 lm_head off the kernel is dequantized by tiles: each value written and read again
-    kernel_head = device == "cpu" and dtype_bytes == 2 and cfg.vocab_size % 16 == 0
-    tiled_head = quant.head_quantized and head_group(cfg, quant) and not kernel_head
-    head = 2 * cfg.vocab_size * cfg.hidden_size * dtype_bytes if tiled_head else 0
+    head = 2 * cfg.vocab_size * cfg.hidden_size * dtype_bytes if tiled_head(cfg, quant, device, dtype_bytes) else 0
     return {"full_pass": n_fast * fast.full + rest * plain.full + head,
             "sparse_step": n_fast * fast.sparse + rest * plain.sparse + head}
 

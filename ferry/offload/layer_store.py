@@ -165,6 +165,7 @@ class LayerStore:
         """Put each layer's selected neurons first (orders[i] is a permutation of the neurons)
         and make SPARSE passes use the first `rows` of them; selected prefixes of the
         prefix-resident layers are (re)loaded onto the device."""
+        self._forget_views()  # before replacing packed layers: cached views would keep the old ones alive
         staging = None
         for layer, order in enumerate(orders):
             if layer in self.packed:

@@ -76,6 +76,7 @@ class Plan:
     quant_group: int = 0  # values per quantization scale (0: not quantized)
     batch_size: int = 1  # sequences decoded together: KV cache and workspace are for all of them
     lm_head_quant: str = "none"  # int8: lm_head held as int8 groups
+    resident_layer_bytes: int = 0  # a whole resident layer as held (packed kernel form); 0: layer_bytes
 
     @property
     def num_layers(self) -> int:
@@ -134,28 +135,19 @@ def make_plan(
     for what, value in (("prefetch depth", prefetch_depth), ("context length", ctx), ("batch size", batch_size)):
         if value < 1:
             raise FerryError(f"{what} must be at least 1, got {value}")
-    parts = part_bytes(cfg, dtype_bytes, ctx * batch_size, quant, sparsity)
+    parts = part_bytes(cfg, dtype_bytes, ctx * batch_size, quant, sparsity, device)
     layer, prefix, embed, lm_head = parts.layer, parts.prefix, parts.embed, parts.lm_head
+    whole = parts.resident_layer or layer  # a resident layer as the device holds it
     head_is_embed = lm_head == 0  # tied and not quantized: the embedding table serves as lm_head
     fixed = parts.kv_cache + parts.workspace + parts.norm + (embed if head_is_embed else lm_head)
-    problems: list[str] = []
     row_sparse = sparsity > 0 and sparse_method == "griffin"
     n_resident, slots, n_prefix = _place_layers(cfg.num_layers, budget_bytes - fixed, layer, prefix,
-                                                prefetch_depth, prefixes=row_sparse and prefix_resident)
-    if budget_bytes < fixed:
-        problems.append(
-            f"the device budget {fmt_bytes(budget_bytes)} is below the {fmt_bytes(fixed)} needed before "
-            f"any layer (KV cache for {_tokens(ctx, batch_size)} {fmt_bytes(parts.kv_cache)}, lm_head "
-            f"{fmt_bytes(max(lm_head, embed))}, workspace {fmt_bytes(parts.workspace)})")
-    elif slots and (budget_bytes - fixed) // layer < slots:
-        problems.append(
-            f"the device budget {fmt_bytes(budget_bytes)} cannot hold {slots} streaming "
-            f"slot(s) of one layer ({fmt_bytes(layer)} each) beside the {fmt_bytes(fixed)} of KV "
-            f"cache, lm_head and workspace; raise the device budget or lower the prefetch depth")
+                                                prefetch_depth, row_sparse and prefix_resident, whole)
+    problems = _budget_problems(budget_bytes, fixed, parts, slots, _tokens(ctx, batch_size))
     streamed = tuple(range(n_resident, cfg.num_layers))
     embed_on_device = head_is_embed or (
-        not streamed and budget_bytes - fixed - cfg.num_layers * layer >= embed)
-    device_bytes = (fixed + (n_resident + slots) * layer + n_prefix * prefix
+        not streamed and budget_bytes - fixed - cfg.num_layers * whole >= embed)
+    device_bytes = (fixed + n_resident * whole + slots * layer + n_prefix * prefix
                     + (embed if embed_on_device and lm_head else 0))
     host_bytes = len(streamed) * layer + (0 if embed_on_device else embed)
     # A CPU "device" is a tier of the same RAM as the host store.
@@ -178,7 +170,21 @@ def make_plan(
         prefix_layers=streamed[:n_prefix], prefix_bytes=prefix, sparse_method=sparse_method,
         quant=quant.method, quant_group=parts.quant_group, batch_size=batch_size,
         lm_head_quant="int8" if quant.head_quantized and head_group(cfg, quant) else "none",
+        resident_layer_bytes=parts.resident_layer,
     )
+
+
+def _budget_problems(budget: int, fixed: int, parts, slots: int, tokens: str) -> list[str]:
+    """What keeps the device budget from holding the fixed parts, or them and the slots."""
+    if budget < fixed:
+        return [f"the device budget {fmt_bytes(budget)} is below the {fmt_bytes(fixed)} needed before "
+                f"any layer (KV cache for {tokens} {fmt_bytes(parts.kv_cache)}, lm_head "
+                f"{fmt_bytes(parts.lm_head or parts.embed)}, workspace {fmt_bytes(parts.workspace)})"]
+    if slots and (budget - fixed) // parts.layer < slots:
+        return [f"the device budget {fmt_bytes(budget)} cannot hold {slots} streaming "
+                f"slot(s) of one layer ({fmt_bytes(parts.layer)} each) beside the {fmt_bytes(fixed)} of KV "
+                f"cache, lm_head and workspace; raise the device budget or lower the prefetch depth"]
+    return []
 
 
 def _tokens(ctx: int, batch: int) -> str:
@@ -186,22 +192,23 @@ def _tokens(ctx: int, batch: int) -> str:
 
 
 def _place_layers(n_layers: int, room: int, layer: int, prefix: int, depth: int,
-                  prefixes: bool) -> tuple[int, int, int]:
+                  prefixes: bool, whole: int | None = None) -> tuple[int, int, int]:
     """(whole resident layers, streaming slots, resident prefixes) in `room` bytes of device
     memory: everything when it fits, else `depth` slots and, with prefixes, as many selected
-    prefixes as fit, the leftover turning prefixes into whole layers."""
-    capacity = max(0, room // layer)
-    if capacity >= n_layers:
+    prefixes as fit, the leftover turning prefixes into whole layers. layer: a layer as stored
+    (a slot's size); whole: a resident layer as the device holds it (default: the same)."""
+    whole = whole or layer
+    if room >= n_layers * whole:
         return n_layers, 0, 0
-    if not (prefixes and prefix < layer):
-        return max(0, capacity - depth), depth, 0
+    if not (prefixes and prefix < whole):
+        return max(0, (room - depth * layer) // whole), depth, 0
     # The sparse set comes before prefetching: fewer slots (at least one) when that keeps every
     # layer's selected neurons resident. A sparse step then moves nothing at all, while a full
     # pass loses only the overlap of one layer's copy with the previous one's compute.
     slots = next((d for d in range(depth, 0, -1) if room - d * layer >= n_layers * prefix), depth)
     spare = max(0, room - slots * layer)
     n_prefix = min(n_layers, spare // prefix)
-    n_resident = min(n_prefix, (spare - n_prefix * prefix) // (layer - prefix)) if n_prefix == n_layers else 0
+    n_resident = min(n_prefix, (spare - n_prefix * prefix) // (whole - prefix)) if n_prefix == n_layers else 0
     return n_resident, slots, n_prefix - n_resident
 
 
@@ -225,7 +232,7 @@ def describe(plan: Plan, cfg: ModelConfig, name: str) -> str:
         f"{' (tied to the embeddings)' if not plan.lm_head_bytes else ''}"
         f"{' (int8 groups)' if plan.lm_head_quant == 'int8' else ''}",
         f"  embeddings {'on the device' if plan.embed_on_device else 'in host memory (one row per token moves)'}",
-        f"  layers     {len(plan.resident_layers)} of {n} ({fmt_bytes(len(plan.resident_layers) * plan.layer_bytes)})",
+        f"  layers     {len(plan.resident_layers)} of {n} ({fmt_bytes(len(plan.resident_layers) * (plan.resident_layer_bytes or plan.layer_bytes))})",
         f"  slots      {plan.slot_count} x {fmt_bytes(plan.layer_bytes)} for streamed layers",
         *([f"  selected   neurons of {len(plan.prefix_layers)} streamed layers "
            f"({fmt_bytes(plan.prefix_bytes)} each with attention, sparsity {plan.sparsity:g})"]
