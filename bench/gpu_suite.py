@@ -1,6 +1,7 @@
-"""GPU suite: the link's pinned peak, then ferry's schedules and the transformers + accelerate
-offload baseline on a randomly initialised Llama-3-8B-shaped model, each measured beside the
-cost model's prediction for the same plan and the measured card. Nothing is downloaded.
+"""GPU suite: the link's pinned peak, then ferry's schedules (bf16, and int4 dense and Sirius) and
+the transformers + accelerate offload baseline on a randomly initialised Llama-3-8B-shaped model,
+each measured beside the cost model's prediction for the same plan and the measured card.
+Nothing is downloaded.
 
     python bench/gpu_suite.py [--report gpu_suite.json] [--folder /tmp/ferry-random-8b]
     python bench/gpu_suite.py --tiny     # CPU: a small shape over an emulated link (a check, not a benchmark)
@@ -261,6 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
     measure("pipelined", [("sparse only", "sparse", "sparse"), ("sirius pipelined", "sirius", "ferry")],
             sparsity=args.sparsity)
     measure("serial", [("sirius serial", "sirius", "ferry")], sparsity=args.sparsity)
+    # int4 (ferry's own groups of 32, plain ranges: quantizing random weights, fitting buys nothing)
+    int4 = dict(quant="int4", quant_fit=False)
+    measure("pipelined", [("int4 dense streaming", "dense", "dense")], **int4)
+    measure("pipelined", [("int4 sirius pipelined", "sirius", "ferry")], sparsity=args.sparsity, **int4)
     ids = word_tokenizer(SHAPES[shape]["vocab_size"])(prompt)["input_ids"]
     base = time_transformers(folder, device, budget, ids, min(args.new_tokens, 9), args.runs)
     name = "transformers + accelerate" if cuda else "transformers (CPU)"

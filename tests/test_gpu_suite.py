@@ -23,7 +23,12 @@ def test_tiny_suite_report(tmp_path):
     assert json.loads(report.read_text())["rows"] == out["rows"]
     rows = out["rows"]
     assert set(rows) == {"dense streaming", "sparse only", "sirius pipelined", "sirius serial",
-                         "sirius as published", "transformers (CPU)"}
+                         "sirius as published", "transformers (CPU)", "int4 dense streaming",
+                         "int4 sirius pipelined"}
+    for name in ("int4 dense streaming", "int4 sirius pipelined"):  # at this budget every int4 layer fits
+        r = rows[name]
+        assert r["measured_s"] > 0 and r["predicted_s"] > 0
+        assert r["measured_bytes"] == pytest.approx(r["predicted_bytes"], rel=0.15, abs=1e4), name
     for name in ("dense streaming", "sparse only", "sirius pipelined", "sirius serial"):
         r = rows[name]
         assert r["measured_s"] > 0 and r["predicted_s"] > 0 and r["bound"] == "link"
