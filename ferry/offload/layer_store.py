@@ -84,7 +84,7 @@ class LayerStore:
             for layer in sorted(resident):  # one layer's bytes at a time: no second copy of the model
                 self.packed[layer] = pack_layer(quant, resident.pop(layer), dtype)
         dequantized = quant is not None and (host or resident)
-        self.work = torch.empty(tile_numel(layout), dtype=dtype, device=device) if dequantized else None
+        self.work = torch.empty(tile_numel(layout), dtype=dtype, device=device) if dequantized else None  # the tile
         self.vectors = vector_buffers(layout, dtype, device) if dequantized else {}
         self.order = tuple(sorted(host))  # streamed layers in visiting order
         self.prefix_layers = tuple(prefix_layers)  # streamed layers whose selected prefix may stay
@@ -92,7 +92,7 @@ class LayerStore:
         self.rows = layout.intermediate_size  # neurons a SPARSE pass uses (a prefix)
         self.thresholds: list[float] | None = None  # CATS thresholds for SPARSE passes
         self._views: dict[tuple, LayerWeights] = {}  # per (layer, kind, slot), built once
-        self._jobs: dict[tuple, list[Callable[[], None]]] = {}  # dequantization steps, likewise
+        self._jobs: dict[tuple, list[Callable[[], None]]] = {}  # vector copies of quantized layers, likewise
 
     # --- what a (layer, kind) needs -------------------------------------------------------
     def where(self, layer: int) -> Where:
@@ -117,7 +117,8 @@ class LayerStore:
     # --- the weights a pass reads -------------------------------------------------------------
     def ready(self, layer: int, kind: Kind, slot: int | None) -> LayerWeights:
         """The layer's weights for a pass of this kind, its bytes in `slot` (None: nothing
-        streamed); quantized bytes are dequantized into the work buffer first."""
+        streamed). A quantized layer off the packed kernel gets its norms and biases copied into
+        the vector buffers; its matrices are dequantized a tile at a time as the math reads them."""
         key = (layer, kind, slot)
         if self.quant is not None and layer not in self.packed:
             if key not in self._jobs:
