@@ -1,7 +1,9 @@
 """GPU suite: the link's pinned peak, then ferry's schedules (bf16, and int4 dense and Sirius) and
 the transformers + accelerate offload baseline on a randomly initialised Llama-3-8B-shaped model,
-each measured beside the cost model's prediction for the same plan and the measured card.
-Nothing is downloaded.
+each measured beside the cost model's prediction for the same plan and the measured card; then
+every layer resident, each step kind (dense and sparse, bf16 and int4) against the bytes it
+reads divided by the measured read bandwidth, with its kernel launches per step. Nothing is
+downloaded.
 
     python bench/gpu_suite.py [--report gpu_suite.json] [--folder /tmp/ferry-random-8b]
     python bench/gpu_suite.py --tiny     # CPU: a small shape over an emulated link (a check, not a benchmark)
@@ -148,6 +150,48 @@ def device_read_gbps(device: str, nbytes: int, reps: int = 10) -> float:
     return w.numel() * 2 / t / 1e9
 
 
+def launches_per_step(engine, prompt: str, device: str) -> float:
+    """Kernels launched per decode step on CUDA (operators run on the CPU), from the profiler:
+    one generation of 9 tokens less one of 1, over the 8 steps between them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def count(n: int) -> int:
+        activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+        with profile(activities=activities) as prof:
+            engine.generate(prompt, max_new_tokens=n, ignore_eos=True, chat=False)
+        if device == "cuda":
+            return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+    return (count(9) - count(1)) / 8
+
+
+def resident_steps(folder: Path, common: dict, prompt: str, args, read_gbps: float) -> dict:
+    """Every layer resident (the device's whole budget): each step kind's time against the bytes
+    it reads divided by the measured read bandwidth, and its launches (issue: launch-bound steps)."""
+    rows = {}
+    for name, options in (("resident dense bf16", dict(mode="dense")),
+                          ("resident sparse bf16", dict(sparsity=args.sparsity, mode="sparse")),
+                          ("resident dense int4", dict(mode="dense", quant="int4", quant_fit=False)),
+                          ("resident sparse int4", dict(sparsity=args.sparsity, mode="sparse", quant="int4",
+                                                        quant_fit=False))):
+        engine = ferry.load(folder, **{**common, "gpu_memory": None, "emulate_link_gbps": None}, **options)
+        assert not engine.plan.streamed_layers, "a resident row needs every layer on the device"
+        measured = time_engine(engine, prompt, args.new_tokens, args.runs)
+        c = engine.plan.step_bytes
+        read = c.sparse_read if options["mode"] == "sparse" else c.full_read
+        floor = read / (read_gbps * 1e9)
+        rows[name] = {"measured_s": measured["s"], "bytes_read": read, "floor_s": floor,
+                      "vs_floor": measured["s"] / floor, "launches": launches_per_step(engine, prompt, common["device"])}
+        log(f"{name}: {measured['s'] * 1e3:.2f} ms/step, {read / 1e6:.0f} MB read, "
+            f"{rows[name]['vs_floor']:.2f}x bytes/bandwidth, {rows[name]['launches']:.0f} launches/step")
+        engine.close()
+        del engine
+        gc.collect()
+        if common["device"] == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def time_engine(engine, prompt: str, new_tokens: int, runs: int) -> dict:
     """Median decode s/token, decode bytes/token (all copies less the prefill's full pass), AAL."""
     secs, moved, aals = [], [], []
@@ -266,15 +310,17 @@ def main(argv: list[str] | None = None) -> dict:
     int4 = dict(quant="int4", quant_fit=False)
     measure("pipelined", [("int4 dense streaming", "dense", "dense")], **int4)
     measure("pipelined", [("int4 sirius pipelined", "sirius", "ferry")], sparsity=args.sparsity, **int4)
+    steps = resident_steps(folder, common, prompt, args, read)
     ids = word_tokenizer(SHAPES[shape]["vocab_size"])(prompt)["input_ids"]
     base = time_transformers(folder, device, budget, ids, min(args.new_tokens, 9), args.runs)
     name = "transformers + accelerate" if cuda else "transformers (CPU)"
     rows[name] = {"measured_s": base["s"], "placement": base["placement"]}
     log(f"{name}: {base['s'] * 1e3:.1f} ms/token, weights on {base['placement']}")
-    return report(args, rows, card, shape, budget, peak, read, gpu)
+    return report(args, rows, steps, card, shape, budget, peak, read, gpu)
 
 
-def report(args, rows: dict, card: str, shape: str, budget: int, peak: float, read: float, gpu: Gpu) -> dict:
+def report(args, rows: dict, steps: dict, card: str, shape: str, budget: int, peak: float, read: float,
+           gpu: Gpu) -> dict:
     print(f"{card}; random Llama-3-{shape}-shaped model, bf16, budget {budget / (1 << 30):.3g} GiB, "
           f"sparsity {args.sparsity}, K={args.period}, {args.new_tokens} new tokens x {args.runs} runs (median)")
     link = "emulated" if "emulated" in card else "pinned peak"
@@ -290,7 +336,12 @@ def report(args, rows: dict, card: str, shape: str, budget: int, peak: float, re
                  f"{r['predicted_bytes'] / 1e6:9.1f}" if "predicted_bytes" in r else f"{'-':>9}"]
         aal = f"{r['aal']:.2f}" if r.get("aal") else "-"
         print(f"{name:26}{''.join(cells)}  {r.get('bound', '-'):6}  {aal}")
-    out = {"bench": "gpu_suite", "device": card, "shape": shape, "budget_bytes": budget,
+    unit = "kernels" if "emulated" not in card else "aten ops"
+    print(f"{'resident steps':26}{'ms/step':>12}{'MB read':>13}{'vs floor':>10}{unit + '/step':>16}")
+    for name, r in steps.items():
+        print(f"{name:26}{r['measured_s'] * 1e3:12.2f}{r['bytes_read'] / 1e6:13.1f}{r['vs_floor']:10.2f}"
+              f"{r['launches']:16.0f}")
+    out = {"bench": "gpu_suite", "device": card, "shape": shape, "budget_bytes": budget, "resident_steps": steps,
            "link_peak_gbps": peak, "device_read_gbps": read,
            "prediction_gpu": {"name": gpu.name, "link_gbps": gpu.link_gbps, "memory_gbps": gpu.memory_gbps}, "sparsity": args.sparsity, "period": args.period,
            "new_tokens": args.new_tokens, "runs": args.runs, "rows": rows,

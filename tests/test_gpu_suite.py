@@ -21,6 +21,12 @@ def test_tiny_suite_report(tmp_path):
     out = suite.main(["--tiny", "--folder", str(tmp_path / "model"), "--report", str(report),
                       "--runs", "1", "--new-tokens", "9", "--period", "4"])
     assert json.loads(report.read_text())["rows"] == out["rows"]
+    steps = out["resident_steps"]
+    assert set(steps) == {"resident dense bf16", "resident sparse bf16", "resident dense int4", "resident sparse int4"}
+    for name, r in steps.items():
+        assert r["measured_s"] > 0 and r["bytes_read"] > 0 and r["vs_floor"] > 0 and r["launches"] > 0, name
+    assert steps["resident sparse bf16"]["bytes_read"] < steps["resident dense bf16"]["bytes_read"]
+    assert steps["resident dense int4"]["bytes_read"] < 0.5 * steps["resident dense bf16"]["bytes_read"]
     rows = out["rows"]
     assert set(rows) == {"dense streaming", "sparse only", "sirius pipelined", "sirius serial",
                          "sirius as published", "transformers (CPU)", "int4 dense streaming",
