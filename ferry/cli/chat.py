@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 from ferry.cli.flags import add_flags, config_options
 from ferry.cli.generate import ENGINE_FLAGS
+from ferry.cli.streams import set_errors
 from ferry.engine import Engine, FerryConfig, Generation, GenerationStats
 from ferry.errors import FerryError
 
@@ -215,12 +216,7 @@ def read_line() -> str | None:
 def tolerate_bad_bytes() -> None:
     """Undecodable bytes on stdin become lone surrogates (which the loop ignores) rather than a
     UnicodeDecodeError inside input(), which under a strict locale would end the chat."""
-    reconfigure = getattr(sys.stdin, "reconfigure", None)
-    if reconfigure is not None:
-        try:
-            reconfigure(errors="surrogateescape")
-        except (ValueError, OSError):  # a closed or unusual stream: leave it as it is
-            pass
+    set_errors(sys.stdin, "surrogateescape")
 
 
 def is_utf8(text: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ferry.cli.streams import set_errors
 from ferry.errors import FerryError, SettingError
 
 
@@ -58,12 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 def _replace_unencodable_output() -> None:
     """A model's text may hold characters stdout's encoding lacks (LANG=C, a Windows console):
     print a replacement character rather than die with UnicodeEncodeError mid-answer."""
-    reconfigure = getattr(sys.stdout, "reconfigure", None)
-    if reconfigure is not None:
-        try:
-            reconfigure(errors="replace")
-        except (ValueError, OSError):  # a closed or unusual stream: leave it as it is
-            pass
+    set_errors(sys.stdout, "replace")
 
 
 if __name__ == "__main__":

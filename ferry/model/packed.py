@@ -75,6 +75,7 @@ class GroupedMatrix:
 
     q: torch.Tensor  # int8 [N, K]
     scale: torch.Tensor  # fp16 [N, K / group]
+    tile: torch.Tensor  # [TILE_ROWS or N, K] in the compute dtype: the rows dequantized at a time
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -82,11 +83,10 @@ class GroupedMatrix:
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty(x.shape[0], self.shape[0])
-        tile = x.new_empty(min(TILE_ROWS, self.shape[0]), self.shape[1])
         backend = pick_backend(x.device, x.dtype)
         for lo in range(0, self.shape[0], TILE_ROWS):
             rows = slice(lo, lo + TILE_ROWS)
-            w = tile[:self.q[rows].shape[0]]
+            w = self.tile[:self.q[rows].shape[0]]
             dequantize(self.q[rows].view(torch.uint8), self.scale[rows], None, 8, w, backend)
             out[:, rows] = F.linear(x, w)
         return out
@@ -114,7 +114,7 @@ def int8_head(shape: tuple[int, int], group: int, blocks, device: torch.device,
     for lo, grouped in blocks:
         q[lo:lo + grouped.shape[0]] = grouped.q.to(device)
         scale[lo:lo + grouped.shape[0]] = grouped.scale.to(device)
-    return GroupedMatrix(q, scale)
+    return GroupedMatrix(q, scale, torch.empty(min(TILE_ROWS, v), h, dtype=dtype, device=device))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 
 from ferry.model.config import ModelConfig
 from ferry.model.dequant import tile_numel
-from ferry.kernels.int4pack import layout_matches
+from ferry.kernels.int4pack import supported
 from ferry.model.packed import can_pack
 from ferry.model.quant import QuantConfig, QuantLayout, head_group
 from ferry.model.weights import LayerLayout
@@ -162,8 +162,9 @@ def packed_kernel(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes
 
 def tiled_head(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes: int) -> bool:
     """Whether lm_head is int8 dequantized by tiles (int8 where the packed kernel does not take it)."""
-    kernel = device == "cpu" and dtype_bytes == 2 and cfg.vocab_size % 16 == 0 and layout_matches()
-    return bool(quant.head_quantized and head_group(cfg, quant)) and not kernel
+    group = head_group(cfg, quant) if quant.head_quantized else 0
+    return bool(group) and not (dtype_bytes == 2 and supported(cfg.vocab_size, cfg.hidden_size, group,
+                                                                torch.device(device)))
 
 
 def pass_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity: float, n_resident: int,
