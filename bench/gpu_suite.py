@@ -2,8 +2,9 @@
 the transformers + accelerate offload baseline on a randomly initialised Llama-3-8B-shaped model,
 each measured beside the cost model's prediction for the same plan and the measured card; then
 every layer resident, each step kind (dense and sparse, bf16 and int4) against the bytes it
-reads divided by the measured read bandwidth, with its kernel launches per step. Nothing is
-downloaded.
+reads divided by the measured read bandwidth, with its kernel launches per step; then the
+in-place int4/int8 kernels against their reference and a device copy (`gemv_check.py`). Nothing
+is downloaded.
 
     python bench/gpu_suite.py [--report gpu_suite.json] [--folder /tmp/ferry-random-8b]
     python bench/gpu_suite.py --tiny     # CPU: a small shape over an emulated link (a check, not a benchmark)
@@ -18,17 +19,22 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling gemv_check.py, however loaded
 
 import ferry  # noqa: E402
+from gemv_check import check as check_kernels, report as report_kernels, seconds  # noqa: E402
+from ferry.kernels import gemv  # noqa: E402
 from ferry.offload.costmodel import GPUS, Gpu, predict_for_plan  # noqa: E402
 from ferry.offload.planner import parse_size  # noqa: E402
 
@@ -113,19 +119,8 @@ def write_random_llama(folder: Path, shape: str, device: str, seed: int = 0) -> 
 
 
 def _timer(device: str):
-    """Seconds taken by fn(), with CUDA events on the GPU (the synchronize is the timer's)."""
-    def run(fn) -> float:
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-    return run
+    """seconds(fn): one fn()'s time, with CUDA events on the GPU."""
+    return partial(seconds, device)
 
 
 def link_peak_gbps(nbytes: int = 1 << 30, reps: int = 5) -> float:
@@ -311,16 +306,23 @@ def main(argv: list[str] | None = None) -> dict:
     measure("pipelined", [("int4 dense streaming", "dense", "dense")], **int4)
     measure("pipelined", [("int4 sirius pipelined", "sirius", "ferry")], sparsity=args.sparsity, **int4)
     steps = resident_steps(folder, common, prompt, args, read)
+    kernels = None
+    if cuda and gemv.available("cuda"):
+        kernels = check_kernels("cuda", SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"], torch.bfloat16)
+    elif os.environ.get("TRITON_INTERPRET") == "1":  # the CPU check: Triton's interpreter, small shapes
+        gemv.ENABLED = True
+        kernels = check_kernels("cpu", 64, 256, torch.float32, reps=1)
+        gemv.ENABLED = None
     ids = word_tokenizer(SHAPES[shape]["vocab_size"])(prompt)["input_ids"]
     base = time_transformers(folder, device, budget, ids, min(args.new_tokens, 9), args.runs)
     name = "transformers + accelerate" if cuda else "transformers (CPU)"
     rows[name] = {"measured_s": base["s"], "placement": base["placement"]}
     log(f"{name}: {base['s'] * 1e3:.1f} ms/token, weights on {base['placement']}")
-    return report(args, rows, steps, card, shape, budget, peak, read, gpu)
+    return report(args, rows, steps, kernels, card, shape, budget, peak, read, gpu)
 
 
-def report(args, rows: dict, steps: dict, card: str, shape: str, budget: int, peak: float, read: float,
-           gpu: Gpu) -> dict:
+def report(args, rows: dict, steps: dict, kernels: dict | None, card: str, shape: str, budget: int, peak: float,
+           read: float, gpu: Gpu) -> dict:
     print(f"{card}; random Llama-3-{shape}-shaped model, bf16, budget {budget / (1 << 30):.3g} GiB, "
           f"sparsity {args.sparsity}, K={args.period}, {args.new_tokens} new tokens x {args.runs} runs (median)")
     link = "emulated" if "emulated" in card else "pinned peak"
@@ -341,7 +343,10 @@ def report(args, rows: dict, steps: dict, card: str, shape: str, budget: int, pe
     for name, r in steps.items():
         print(f"{name:26}{r['measured_s'] * 1e3:12.2f}{r['bytes_read'] / 1e6:13.1f}{r['vs_floor']:10.2f}"
               f"{r['launches']:16.0f}")
+    if kernels:
+        report_kernels(kernels)
     out = {"bench": "gpu_suite", "device": card, "shape": shape, "budget_bytes": budget, "resident_steps": steps,
+           "kernels": kernels,
            "link_peak_gbps": peak, "device_read_gbps": read,
            "prediction_gpu": {"name": gpu.name, "link_gbps": gpu.link_gbps, "memory_gbps": gpu.memory_gbps}, "sparsity": args.sparsity, "period": args.period,
            "new_tokens": args.new_tokens, "runs": args.runs, "rows": rows,

@@ -179,20 +179,23 @@ def test_70b_int4_keeps_every_selected_set_on_a_24gib_card():
 
 
 def test_reads_follow_the_kernels():
-    """Quantized layers on the packed kernel read their bytes; dequantized ones also write and read
-    every value in the compute dtype; a fused sparse step reads all of down_proj."""
+    """Quantized layers read in place read their bytes; dequantized ones also write and read every
+    value in the compute dtype; a sparse step on the CPU's packed kernel reads all of down_proj."""
     from ferry.model.quant import QuantConfig, QuantLayout
     from ferry.offload.accounting import layer_reads
 
     cfg, q = config_70b(), QuantConfig("int4", group_size=128)
-    fused, tiles = layer_reads(cfg, 2, q, 0.5, True), layer_reads(cfg, 2, q, 0.5, False)
+    fused, tiles = layer_reads(cfg, 2, q, 0.5, "packed"), layer_reads(cfg, 2, q, 0.5, "tiles")
+    records = layer_reads(cfg, 2, q, 0.5, "records")
     values = (cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) + cfg.hidden_size * cfg.q_size
                                  + 3 * cfg.hidden_size * cfg.intermediate_size)
     assert tiles.full - fused.full == 2 * 2 * (values + 2 * 8192)  # every value (norms too) written and read
     # a fused sparse step skips the other half's gate and up rows, not their down columns
     layout, skipped = QuantLayout.for_config(cfg, q), cfg.intermediate_size // 2
     assert fused.full - fused.sparse == skipped * (layout.row_numel - cfg.hidden_size // 2)
-    plain = layer_reads(cfg, 2, QuantConfig("none"), 0.5, False)
+    # in place, a sparse step reads its records only: the selected prefix of the layer's bytes
+    assert records.full == fused.full and records.sparse == layout.prefix_numel(cfg.intermediate_size - skipped)
+    plain = layer_reads(cfg, 2, QuantConfig("none"), 0.5)
     assert plain.full == 2 * (values + 2 * 8192)
 
 

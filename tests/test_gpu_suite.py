@@ -27,6 +27,8 @@ def test_tiny_suite_report(tmp_path):
         assert r["measured_s"] > 0 and r["bytes_read"] > 0 and r["vs_floor"] > 0 and r["launches"] > 0, name
     assert steps["resident sparse bf16"]["bytes_read"] < steps["resident dense bf16"]["bytes_read"]
     assert steps["resident dense int4"]["bytes_read"] < 0.5 * steps["resident dense bf16"]["bytes_read"]
+    kernels = out["kernels"]["rows"]  # the in-place kernels, in Triton's interpreter here
+    assert len(kernels) == 6 and all(r["max_rel_error"] < 1e-5 and r["read_gbps"] > 0 for r in kernels)
     rows = out["rows"]
     assert set(rows) == {"dense streaming", "sparse only", "sirius pipelined", "sirius serial",
                          "sirius as published", "transformers (CPU)", "int4 dense streaming",

@@ -3,9 +3,10 @@ a quantized layer the packed kernel does not take (streamed layers, resident pre
 without the kernel). The layout is `ferry.model.quant.QuantLayout`.
 
 A pass's weights are views of the quantized bytes (`quant_views`): `QuantRows` for qkv and o,
-`QuantNeurons` for MLP records. Each product dequantizes one tile of rows (or of neurons: gate,
-up and down column together) into a shared workspace and runs the plain math on it, so the
-device holds one tile in the compute dtype, never a dequantized layer (`tile_numel`). The MLP
+`QuantNeurons` for MLP records. Where `ferry.kernels.gemv` runs (CUDA, a few tokens at a time)
+each product reads the bytes in place. Otherwise it dequantizes one tile of rows (or of neurons:
+gate, up and down column together) into a shared workspace and runs the plain math on it, so
+the device holds one tile in the compute dtype, never a dequantized layer (`tile_numel`). The MLP
 over tiles of neurons is exact: the MLP over a partition of the neurons is the sum of the
 parts' MLPs. Norms and biases are copied into small buffers when a layer is acquired.
 """
@@ -18,7 +19,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from ferry.kernels import gemv
 from ferry.kernels.quant import dequantize, unpack_int4
+from ferry.kernels.reference import bundled_mlp
 from ferry.model.quant import QuantLayout
 from ferry.model.weights import LayerLayout, LayerWeights
 
@@ -63,6 +66,8 @@ class QuantRows:
     backend: str
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if gemv.usable(x):
+            return gemv.rows_linear(x, self.codes, self.scales, self.mins, self.bits)
         r, c = self.codes.shape[0], x.shape[1]
         out = x.new_empty(x.shape[0], r)
         step = max(1, self.work.numel() // c)
@@ -84,6 +89,26 @@ class QuantNeurons:
     table: tuple  # down_proj's (scales, mins) [I / group, H]
     work: torch.Tensor
     backend: str
+
+    def mlp(self, x: torch.Tensor, threshold: float | None = None, observe=None) -> torch.Tensor:
+        """`bundled_mlp` over these neurons: on the records in place where the kernels run, else
+        tile by tile (an observer sees each tile's activations in turn)."""
+        if not gemv.usable(x):
+            out = x.new_zeros(x.shape)
+            for bundle in self.tiles():
+                out += bundled_mlp(x, bundle, threshold, observe)
+            return out
+        codes, scales, mins, index = self.records
+        bits, group = self.layout.bits, self.layout.group
+        gate, up = (gemv.rows_linear(x, codes[:, j], scales[:, j], None if mins is None else mins[:, j], bits)
+                    for j in range(2))
+        a = F.silu(gate)
+        if threshold is not None:
+            a = a * (a.abs() >= threshold)
+        z = a * up
+        if observe is not None:
+            observe(a, z)
+        return gemv.columns_linear(z, codes[:, 2], index, self.table, bits, group)
 
     def tiles(self):
         """Bundles [t, 3, H] of consecutive neurons, each dequantized into the workspace just

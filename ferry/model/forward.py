@@ -107,26 +107,20 @@ def decoder_layer(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list
         return x + packed_mlp(h, w.mlp[0], w.mlp_threshold, observe)
     if len(w.mlp) == 1 and isinstance(w.mlp[0], torch.Tensor):
         return x + bundled_mlp(h, w.mlp[0], w.mlp_threshold, observe)
-    # Several parts (selected rows resident and the complement streamed, or quantized tiles):
+    # Several parts (selected rows resident and the complement streamed, or quantized records):
     # their outputs add up; an observer sees the activations of all neurons together, in order.
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     record = None if observe is None else (lambda a, z: seen.append((a, z)))
     out = None
-    for bundle in _bundles(w.mlp):
-        part = bundled_mlp(h, bundle, w.mlp_threshold, record)
-        out = part if out is None else out + part
+    for part in w.mlp:
+        if isinstance(part, QuantNeurons):
+            y = part.mlp(h, w.mlp_threshold, record)
+        else:
+            y = bundled_mlp(h, part, w.mlp_threshold, record)
+        out = y if out is None else out + y
     if observe is not None:
         observe(torch.cat([a for a, _ in seen], dim=-1), torch.cat([z for _, z in seen], dim=-1))
     return x + out
-
-
-def _bundles(parts: tuple):
-    """The bundles [n, 3, H] of an MLP's parts, quantized parts a tile at a time."""
-    for part in parts:
-        if isinstance(part, QuantNeurons):
-            yield from part.tiles()
-        else:
-            yield part
 
 
 def forward(

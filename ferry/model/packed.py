@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ferry.kernels import int4pack
+from ferry.kernels import gemv, int4pack
 from ferry.kernels.int4pack import BLOCK, Int4Matrix, int4_linear, int4_matrix, int8_matrix
 from ferry.kernels.quant import dequantize, pick_backend, unpack_int4
 from ferry.model.quant import QuantLayout
@@ -70,8 +70,9 @@ def packed_matrix(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor 
 
 @dataclass(frozen=True)
 class GroupedMatrix:
-    """W [N, K] as int8 groups (w = q * scale), dequantized a tile of rows at a time for each
-    product: what a device without the packed kernel runs a quantized lm_head on."""
+    """W [N, K] as int8 groups (w = q * scale), what a device without the packed kernel runs a
+    quantized lm_head on: read in place by `ferry.kernels.gemv` where it runs, else dequantized
+    a tile of rows at a time for each product."""
 
     q: torch.Tensor  # int8 [N, K]
     scale: torch.Tensor  # fp16 [N, K / group]
@@ -82,6 +83,8 @@ class GroupedMatrix:
         return tuple(self.q.shape)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if gemv.usable(x):
+            return gemv.rows_linear(x, self.q.view(torch.uint8), self.scale, None, 8)
         out = x.new_empty(x.shape[0], self.shape[0])
         backend = pick_backend(x.device, x.dtype)
         for lo in range(0, self.shape[0], TILE_ROWS):

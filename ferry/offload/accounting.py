@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ferry.kernels import gemv
 from ferry.model.config import ModelConfig
 from ferry.model.dequant import tile_numel
 from ferry.kernels.int4pack import supported
@@ -138,16 +139,20 @@ class LayerReads:
     sparse: int
 
 
-def layer_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity: float, fused: bool) -> LayerReads:
-    """Unquantized: the weights a pass uses. Quantized on the packed kernel (fused): the codes where
-    they lie, and a sparse step reads all of down_proj (it stays in checkpoint order). Quantized
-    through dequantization tiles: the packed bytes, then every value written and read again in
-    the compute dtype."""
+def layer_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity: float,
+                kernel: str = "tiles") -> LayerReads:
+    """Unquantized: the weights a pass uses. Quantized, by the kernel that runs the layer
+    (`layer_kernel`): "records" (in place, `ferry.kernels.gemv`) reads the bytes a pass uses;
+    "packed" (the CPU's int4 kernel) too, but a sparse step reads all of down_proj (it stays in
+    checkpoint order); "tiles" reads the packed bytes, then writes and reads every value again
+    in the compute dtype."""
     b, layout, k = dtype_bytes, LayerLayout.for_config(cfg), kept_neurons(cfg.intermediate_size, sparsity)
     if not quant.enabled:
         return LayerReads(layout.numel * b, layout.prefix_numel(k) * b)
     q = QuantLayout.for_config(cfg, quant)
-    if fused:
+    if kernel == "records":
+        return LayerReads(q.numel, q.prefix_numel(k))
+    if kernel == "packed":
         rest = (cfg.intermediate_size - k) * cfg.hidden_size * q.bits // 8
         return LayerReads(q.numel, q.prefix_numel(k) + rest)
     return LayerReads(q.numel + 2 * layout.numel * b, q.prefix_numel(k) + 2 * layout.prefix_numel(k) * b)
@@ -155,31 +160,37 @@ def layer_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity
 
 def packed_kernel(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes: int) -> bool:
     """Whether resident quantized layers run on the packed int4 kernel on this device (the CPU's,
-    for shapes it takes, in bf16: a 2-byte dtype on a CPU is taken to be bf16, the CPU default);
-    elsewhere every quantized layer is dequantized tile by tile."""
+    for shapes it takes, in bf16: a 2-byte dtype on a CPU is taken to be bf16, the CPU default)."""
     return device == "cpu" and dtype_bytes == 2 and can_pack(QuantLayout.for_config(cfg, quant), torch.device("cpu"))
 
 
+def layer_kernel(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes: int, resident: bool) -> str:
+    """How a decode-sized pass runs a quantized layer: "records" where the in-place kernels run
+    (CUDA with Triton), "packed" for resident layers the CPU's kernel takes, else "tiles"."""
+    if gemv.available(device):
+        return "records"
+    return "packed" if resident and packed_kernel(cfg, quant, device, dtype_bytes) else "tiles"
+
+
 def tiled_head(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes: int) -> bool:
-    """Whether lm_head is int8 dequantized by tiles (int8 where the packed kernel does not take it)."""
+    """Whether lm_head is int8 dequantized by tiles (int8 where no kernel reads it in place)."""
     group = head_group(cfg, quant) if quant.head_quantized else 0
-    return bool(group) and not (dtype_bytes == 2 and supported(cfg.vocab_size, cfg.hidden_size, group,
-                                                                torch.device(device)))
+    return bool(group) and not gemv.available(device) and not (
+        dtype_bytes == 2 and supported(cfg.vocab_size, cfg.hidden_size, group, torch.device(device)))
 
 
 def pass_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity: float, n_resident: int,
                device: str) -> dict[str, int]:
-    """Device bytes each kind of pass reads over all layers: the resident ones on the packed
-    kernel where the device has it, the others (streamed, prefix-resident) through tiles; plus the
-    dequantization traffic of an int8 lm_head the kernel does not take."""
-    fused = quant.enabled and packed_kernel(cfg, quant, device, dtype_bytes)
-    plain, fast = (layer_reads(cfg, dtype_bytes, quant, sparsity, f) for f in (False, fused))
-    n_fast = n_resident if fused else 0
-    rest = cfg.num_layers - n_fast
-    # an int8 lm_head off the kernel is dequantized by tiles: each value written and read again
+    """Device bytes each kind of pass reads over all layers, each layer as its kernel reads it
+    (`layer_kernel`), plus the dequantization traffic of an int8 lm_head read by tiles."""
+    resident, rest = (layer_reads(cfg, dtype_bytes, quant, sparsity,
+                                  layer_kernel(cfg, quant, device, dtype_bytes, r) if quant.enabled else "tiles")
+                      for r in (True, False))
+    n_rest = cfg.num_layers - n_resident
+    # an int8 lm_head off the kernels is dequantized by tiles: each value written and read again
     head = 2 * cfg.vocab_size * cfg.hidden_size * dtype_bytes if tiled_head(cfg, quant, device, dtype_bytes) else 0
-    return {"full_pass": n_fast * fast.full + rest * plain.full + head,
-            "sparse_step": n_fast * fast.sparse + rest * plain.sparse + head}
+    return {"full_pass": n_resident * resident.full + n_rest * rest.full + head,
+            "sparse_step": n_resident * resident.sparse + n_rest * rest.sparse + head}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,91 @@
+"""Products on quantized weights where they lie, for a few tokens at a time: decode steps, sparse
+steps and correction chunks read a layer's packed bytes once instead of dequantizing them into
+a tile (three passes over memory). Triton kernels (`ferry.kernels.gemv_triton`) on CUDA; the
+reference they must reproduce is dequantize, then `F.linear` (`ferry.kernels.quant`).
+
+`ENABLED`: None runs them on CUDA where Triton imports (CUDA builds of torch bring it); True
+runs them on any device, which on the CPU means Triton's interpreter (set TRITON_INTERPRET=1
+before ferry imports Triton; the tests do); False never. Wider passes (prefill) stay on tiles,
+which are compute-bound there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+ENABLED: bool | None = None
+MAX_ROWS = 16  # tokens a kernel call takes (a correction chunk of K <= 16); more go through tiles
+BLOCK_R, BLOCK_P = 32, 64  # rows kernel: rows and value pairs per step
+BLOCK_N, BLOCK_PAIRS = 32, 64  # columns kernel: neurons and output pairs per step
+PROGRAMS = 512  # programs the columns kernel aims for (splitting its neurons) so every SM works
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether the kernels run on this device (Triton importable, and CUDA unless ENABLED)."""
+    if ENABLED is False or (ENABLED is None and torch.device(device).type != "cuda"):
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether a product over activations x [M, C] goes through the kernels."""
+    return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and available(x.device)
+
+
+def _block_m(m: int) -> int:
+    return 1 if m == 1 else max(16, 1 << (m - 1).bit_length())  # tl.dot wants 16+ rows
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 exact, as the reference
+
+
+def _codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return codes.view(torch.int8) if bits == 8 else codes
+
+
+def rows_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                bits: int) -> torch.Tensor:
+    """x [M, C] @ wᵀ for quantized rows w [R, C]: codes [R, C bits/8], fp16 scales (and mins)
+    [R, C / group], each with unit stride along the row (rows may be strided: records)."""
+    from ferry.kernels.gemv_triton import rows_kernel
+
+    x = x.contiguous()
+    (m, c), r = x.shape, codes.shape[0]
+    out = x.new_empty(m, r)
+    if r == 0:
+        return out
+    group = c // scales.shape[1]
+    rows_kernel[(-(-r // BLOCK_R),)](
+        x, _codes(codes, bits), scales, scales if mins is None else mins, out, m, r, c // 2,
+        x.stride(0), codes.stride(0), scales.stride(0), out.stride(0),
+        GROUP=group, BITS=bits, HAS_MINS=mins is not None, BLOCK_M=_block_m(m), BLOCK_R=BLOCK_R,
+        BLOCK_P=BLOCK_P, PRECISION=_precision(x.dtype))
+    return out
+
+
+def columns_linear(z: torch.Tensor, codes: torch.Tensor, index: torch.Tensor, table: tuple,
+                   bits: int, group: int, programs: int = PROGRAMS) -> torch.Tensor:
+    """z [M, N] @ w for N neurons' down columns w [N, H]: codes [N, H bits/8], index int32 [N]
+    (each neuron's place in the checkpoint, naming its group), table (scales, mins or None)
+    [I / group, H] down_proj's groups."""
+    from ferry.kernels.gemv_triton import columns_kernel
+
+    z = z.contiguous()
+    (m, n), (scales, mins) = z.shape, table
+    h = scales.shape[1]
+    pair_blocks = -(-(h // 2) // BLOCK_PAIRS)
+    split = max(1, min(-(-n // BLOCK_N), programs // pair_blocks))
+    chunk = -(-(-(-n // split)) // BLOCK_N) * BLOCK_N  # neurons per split, whole blocks
+    split = -(-n // chunk) if n else 1
+    partial = torch.zeros(split, m, h, dtype=torch.float32, device=z.device)
+    if n:
+        columns_kernel[(pair_blocks, split)](
+            z, _codes(codes, bits), index, scales, scales if mins is None else mins, partial,
+            m, n, h // 2, chunk, z.stride(0), codes.stride(0), index.stride(0), scales.stride(0),
+            partial.stride(0), partial.stride(1),
+            GROUP=group, BITS=bits, HAS_MINS=mins is not None, BLOCK_M=_block_m(m), BLOCK_N=BLOCK_N,
+            BLOCK_P=BLOCK_PAIRS, PRECISION=_precision(z.dtype))
+    return (partial[0] if split == 1 else partial.sum(0)).to(z.dtype)
