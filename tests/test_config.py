@@ -13,7 +13,7 @@ NON_DEFAULTS = {
     "batch_size": 4,
     "gpu_memory": 1 << 30, "host_memory": 2 << 30, "prefetch_depth": 3, "emulate_link_gbps": 4.0,
     "schedule": "serial", "resident_sparse": False, "quant": "int4", "quant_group": 64, "quant_fit": False,
-    "quant_lm_head": "none", "threads": 3,
+    "quant_lm_head": "none", "threads": 3, "cuda_graphs": False,
     "sparsity": 0.4, "sparse_method": "cats", "mode": "sparse", "threshold": 0.3, "accept": "strict",
     "draft_confidence": None, "speculate": False, "temperature": 0.7, "top_p": 0.9, "seed": 5,
 }

@@ -148,6 +148,9 @@ FLAGS: dict[str, Flag] = {
     "threads": Flag(("--threads",), "CPU threads for the model math: auto fits torch's thread count, at each "
                     "generation, to the cores other processes leave free; N uses exactly N (default {default})",
                     type=threads, metavar="N|auto"),
+    "cuda_graphs": Flag(("--cuda-graphs",), "replay resident decode steps (every layer, or the sparse set, on "
+                        "the device) from CUDA graphs: one launch a token (default {default}; CUDA only)",
+                        action=ON_OFF),
     "reuse_prefix": Flag(("--reuse-prefix",), "a prompt that begins with the previous sequence (a chat's "
                          "next turn, a prompt file's shared preamble) prefills only the rest (default {default})",
                          action=ON_OFF),

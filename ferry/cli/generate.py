@@ -16,7 +16,7 @@ from ferry.engine.text import check_text
 from ferry.errors import FerryError, SettingError
 
 # The flags that describe the loaded engine (generate and profile).
-ENGINE_FLAGS = ("model", "dtype", "device", "ctx", "gpu_memory", "prefetch_depth", "quant", "quant_group", "quant_fit", "quant_lm_head", "threads",
+ENGINE_FLAGS = ("model", "dtype", "device", "ctx", "gpu_memory", "prefetch_depth", "quant", "quant_group", "quant_fit", "quant_lm_head", "threads", "cuda_graphs",
                 "emulate_link_gbps", "schedule", "resident_sparse", "link_gbps",
                 "sparsity", "sparse_method", "mode", "period", "max_period", "draft_confidence", "threshold",
                 "accept", "speculate", "reuse_prefix", "batch_size")

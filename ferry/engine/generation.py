@@ -25,6 +25,7 @@ from ferry.offload.transfer import LinkStats
 from ferry.scheduler.correction import decode_sirius
 from ferry.scheduler.decode import DecodeStats, Passes, decode_stepwise
 from ferry.scheduler.sampling import Sampler, SamplingConfig
+from ferry.scheduler.step_graphs import StepGraphs, available as graphs_available
 from ferry.sparse.griffin import griffin_order, griffin_sumsq
 
 
@@ -136,7 +137,8 @@ def _run(rt: Runtime, request: Request, ids: list[int], views: Views | None) -> 
         full, sparse = views or (rt.weights, rt.sparse_weights)
         sampler = Sampler(request.sampling)
         first = sampler(prefill(rt, ids, stats, full))
-        for token in decode(rt, make_passes(rt, full, sparse, ctx), first, request, sampler, stats):
+        passes = make_passes(rt, full, sparse, ctx, graphs=views is None)  # timed views time each layer
+        for token in decode(rt, passes, first, request, sampler, stats):
             new.append(token)
             ctx.tokens.append(token)  # the sequence the cache holds, for the next request
             yield Token(token, detok.push(token))
@@ -205,14 +207,22 @@ def select_neurons(rt: Runtime, sums: list[torch.Tensor], scored: int) -> None:
     rt.context.scored = scored
 
 
-def make_passes(rt: Runtime, full: ModelWeights, sparse: ModelWeights, ctx=None) -> Passes:
+def make_passes(rt: Runtime, full: ModelWeights, sparse: ModelWeights, ctx=None, graphs: bool = False) -> Passes:
     """The passes a decode loop runs. When the sparse set is all on the device its steps bypass
-    the fetch queue (so they may run between the layers of a full pass)."""
+    the fetch queue (so they may run between the layers of a full pass); with `graphs` (and
+    CUDA), one-token steps on device-resident weights replay CUDA graphs."""
     ctx = ctx or rt.context
     resident = rt.config.sparse and rt.executor.moves_nothing(Kind.SPARSE)
     if resident:
         sparse = replace(sparse, layers=sparse.layers.as_resident())
-    return Passes(rt.model, ctx.rope, ctx.cache, full, sparse, rt.executor.expect, sparse_resident=resident)
+    step_graphs, full_resident = None, None
+    if graphs and rt.config.runtime.cuda_graphs and graphs_available(rt.device) \
+            and full.embed.device == ctx.cache.k.device:  # embeddings in host memory: a copy per token
+        step_graphs = StepGraphs(rt.model, ctx.rope, ctx.cache)
+        if rt.executor.moves_nothing(Kind.FULL):
+            full_resident = replace(full, layers=full.layers.as_resident())
+    return Passes(rt.model, ctx.rope, ctx.cache, full, sparse, rt.executor.expect, sparse_resident=resident,
+                  graphs=step_graphs, full_resident=full_resident)
 
 
 def decode(rt: Runtime, passes: Passes, first: int, request: Request, sampler: Sampler,

@@ -102,11 +102,15 @@ def decoder_layer(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list
                   observe=None) -> torch.Tensor:
     h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
     x = x + attention(cfg, w, h, rows, index)
-    h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
+    return x + mlp(w, rms_norm(x, w.mlp_norm, cfg.rms_norm_eps), observe)
+
+
+def mlp(w: LayerWeights, h: torch.Tensor, observe=None) -> torch.Tensor:
+    """The layer's MLP over its parts, whatever form each takes."""
     if isinstance(w.mlp[0], PackedMLP):
-        return x + packed_mlp(h, w.mlp[0], w.mlp_threshold, observe)
+        return packed_mlp(h, w.mlp[0], w.mlp_threshold, observe)
     if len(w.mlp) == 1 and isinstance(w.mlp[0], torch.Tensor):
-        return x + bundled_mlp(h, w.mlp[0], w.mlp_threshold, observe)
+        return bundled_mlp(h, w.mlp[0], w.mlp_threshold, observe)
     # Several parts (selected rows resident and the complement streamed, or quantized records):
     # their outputs add up; an observer sees the activations of all neurons together, in order.
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -120,7 +124,7 @@ def decoder_layer(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list
         out = y if out is None else out + y
     if observe is not None:
         observe(torch.cat([a for a, _ in seen], dim=-1), torch.cat([z for _, z in seen], dim=-1))
-    return x + out
+    return out
 
 
 def forward(

@@ -173,10 +173,11 @@ def layer_kernel(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes:
 
 
 def tiled_head(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes: int) -> bool:
-    """Whether lm_head is int8 dequantized by tiles (int8 where no kernel reads it in place)."""
+    """Whether lm_head is int8 groups with a tile to dequantize into (int8 where the CPU's packed
+    kernel does not take it; the in-place kernels read it without the tile, wide passes use it)."""
     group = head_group(cfg, quant) if quant.head_quantized else 0
-    return bool(group) and not gemv.available(device) and not (
-        dtype_bytes == 2 and supported(cfg.vocab_size, cfg.hidden_size, group, torch.device(device)))
+    return bool(group) and not (dtype_bytes == 2 and supported(cfg.vocab_size, cfg.hidden_size, group,
+                                                               torch.device(device)))
 
 
 def pass_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity: float, n_resident: int,
@@ -187,8 +188,9 @@ def pass_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity:
                                   layer_kernel(cfg, quant, device, dtype_bytes, r) if quant.enabled else "tiles")
                       for r in (True, False))
     n_rest = cfg.num_layers - n_resident
-    # an int8 lm_head off the kernels is dequantized by tiles: each value written and read again
-    head = 2 * cfg.vocab_size * cfg.hidden_size * dtype_bytes if tiled_head(cfg, quant, device, dtype_bytes) else 0
+    # an int8 lm_head dequantized by tiles: each value written and read again
+    tiles = tiled_head(cfg, quant, device, dtype_bytes) and not gemv.available(device)
+    head = 2 * cfg.vocab_size * cfg.hidden_size * dtype_bytes if tiles else 0
     return {"full_pass": n_resident * resident.full + n_rest * rest.full + head,
             "sparse_step": n_resident * resident.sparse + n_rest * rest.sparse + head}
 

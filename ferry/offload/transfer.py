@@ -1,7 +1,7 @@
 """Everything about moving bytes host -> device: pinning, copy streams, events, the CPU fallback.
 
-No other module touches streams or events (hence pinning and the profiler's clocks live here
-too). A `Link` (the protocol the executor is written against) copies a host tensor into a device
+No other module touches streams or events (hence pinning, the profiler's clocks and CUDA graph
+capture live here too). A `Link` (the protocol the executor is written against) copies a host tensor into a device
 buffer asynchronously and returns a ticket compute waits on; it counts bytes, busy time and
 compute's stalls, so overlap can be reported. Three implementations:
 
@@ -22,7 +22,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -93,8 +93,7 @@ class LinkStats:
 
     @property
     def gbps(self) -> float:
-        done = self.bytes if self.done_bytes is None else self.done_bytes
-        return done / self.busy_s / 1e9 if self.busy_s > 0 else 0.0
+        return (self.bytes if self.done_bytes is None else self.done_bytes) / self.busy_s / 1e9 if self.busy_s > 0 else 0.0
 
     @property
     def overlap(self) -> float:
@@ -117,8 +116,7 @@ class Link(Protocol):
     """Host -> device copies as the executor sees them, whichever link carries them."""
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Marker = None, tag: Any = None) -> Ticket:
-        """Start copying src into dst once the compute marked by `after` is done; `tag` names the
-        copy in the trace (the layer number)."""
+        """Copy src into dst once the compute marked by `after` is done (tag: its trace name)."""
         ...
 
     def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -285,3 +283,18 @@ class CudaClock:
 def make_clock(device: torch.device) -> HostClock | CudaClock:
     return CudaClock(device) if device.type == "cuda" else HostClock()
 
+
+
+def capture_graph(fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+    """fn's kernels as a CUDA graph: (replay, fn's output, rewritten by each replay). Warm-ups run
+    first on a side stream (capture requires it; Triton compiles there, not in the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out

@@ -17,6 +17,7 @@ from ferry.model.forward import forward, forward_layers, run_layers
 from ferry.model.rope import Rope
 from ferry.model.weights import ModelWeights
 from ferry.model.kv_cache import KVCache
+from ferry.scheduler.step_graphs import StepGraphs
 
 Sampler = Callable[[torch.Tensor], int]
 
@@ -46,14 +47,17 @@ class Passes:
     sparse_resident: the sparse weights are all on the device and bypass the fetch queue
     (a resident `PassView`), so sparse steps may run between the layers of a full pass, and the
     prefetch hints name full passes only.
+    graphs: replays resident one-token steps (`StepGraphs`): sparse steps when sparse_resident,
+    dense steps when `full_resident` (the full weights as a resident view) is given.
     """
 
     def __init__(self, cfg: ModelConfig, rope: Rope, cache: KVCache, full: ModelWeights,
                  sparse: ModelWeights, expect: Callable[[list[str]], None] = lambda kinds: None,
-                 sparse_resident: bool = False):
+                 sparse_resident: bool = False, graphs: StepGraphs | None = None,
+                 full_resident: ModelWeights | None = None):
         self.cfg, self.rope, self.cache = cfg, rope, cache
         self.full_weights, self.sparse_weights, self._expect = full, sparse, expect
-        self.sparse_resident = sparse_resident
+        self.sparse_resident, self.graphs, self.full_resident = sparse_resident, graphs, full_resident
         self.step_input = torch.empty(1, dtype=torch.long, device=cache.k.device)  # reused
 
     def expect(self, kinds: list[str]) -> None:
@@ -70,15 +74,23 @@ class Passes:
         return logits
 
     def full_step(self, token: int) -> torch.Tensor:
-        self.step_input.fill_(token)
-        return self.full(self.step_input, self.cache.length)[-1]
+        if self.graphs is None or self.full_resident is None:
+            self.step_input.fill_(token)
+            return self.full(self.step_input, self.cache.length)[-1]
+        start = self.cache.length
+        logits = self.graphs.step("full", self.full_resident, token, start)
+        self.cache.wrote(start, 1, full=True)
+        return logits
 
     def sparse_step(self, token: int) -> torch.Tensor:
         """One token appended at the end of the cache through the sparse weights; logits [V]."""
-        self.step_input.fill_(token)
         start = self.cache.length
-        logits = forward(self.cfg, self.sparse_weights, self.rope, self.cache, self.step_input,
-                         start, all_logits=False)[-1]
+        if self.graphs is not None and self.sparse_resident:
+            logits = self.graphs.step("sparse", self.sparse_weights, token, start)
+        else:
+            self.step_input.fill_(token)
+            logits = forward(self.cfg, self.sparse_weights, self.rope, self.cache, self.step_input,
+                             start, all_logits=False)[-1]
         self.cache.wrote(start, 1, full=False)
         return logits
 

@@ -1,0 +1,64 @@
+"""Resident decode steps replayed from CUDA graphs: one launch per token instead of ~15 per layer.
+
+A step whose weights are all on the device (every layer resident for dense steps, the resident
+sparse set for sparse steps) runs `ferry.model.static_step.decode_static`, captured once per
+(kind of step, attention span) and replayed for every token: the token and its position are
+written into device buffers first, and the span grows in buckets of `BUCKET` positions, so a
+generation captures a few graphs, not one per token. Passes that stream (correction chunks,
+prefills) keep their copy stream and events and run as before.
+
+`ENABLED`: None captures on CUDA; True also runs the static step on other devices, eagerly (no
+capture: what the tests compare with `forward`'s step); False never.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ferry.model.config import ModelConfig
+from ferry.model.kv_cache import KVCache
+from ferry.model.rope import Rope
+from ferry.model.static_step import decode_static
+from ferry.model.weights import ModelWeights
+from ferry.offload.transfer import capture_graph
+
+ENABLED: bool | None = None
+BUCKET = 256  # attention spans are multiples of this (a graph each): at most this many masked keys
+
+
+def available(device: torch.device) -> bool:
+    return ENABLED is True or (ENABLED is None and device.type == "cuda")
+
+
+def run_eagerly(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    """capture_graph's contract without a graph: each replay reruns fn into the same output."""
+    out = fn()
+    return (lambda: out.copy_(fn())), out
+
+
+class StepGraphs:
+    """Captured decode steps of one generation (its weights and KV cache stay where they are)."""
+
+    def __init__(self, cfg: ModelConfig, rope: Rope, cache: KVCache):
+        self.cfg, self.rope, self.cache = cfg, rope, cache
+        device = cache.k.device
+        self.token = torch.zeros(1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.capture = capture_graph if device.type == "cuda" else run_eagerly
+        self.graphs: dict[tuple[str, int], tuple[Callable[[], None], torch.Tensor]] = {}
+
+    def step(self, kind: str, weights: ModelWeights, token: int, start: int) -> torch.Tensor:
+        """One token at position `start` through `weights` (all on the device); logits [V]."""
+        span = min(self.cache.capacity, (start // BUCKET + 1) * BUCKET)
+        self.token.fill_(token)
+        self.pos.fill_(start)
+        key = (kind, span)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(
+                lambda: decode_static(self.cfg, weights, self.rope, self.cache, self.token, self.pos, span))
+        replay, logits = self.graphs[key]
+        replay()
+        self.cache.length = start + 1
+        return logits[-1].clone()  # the graph rewrites its output at the next replay

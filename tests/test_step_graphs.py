@@ -1,0 +1,133 @@
+"""Resident decode steps as a static step (`ferry.model.static_step`) replayed by `StepGraphs`:
+on the CPU the step runs eagerly (no capture), and must equal `forward`'s decode step; on CUDA
+the captured graphs must equal the uncaptured steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ferry
+from ferry.kernels import gemv
+from ferry.model import packed
+from ferry.model.forward import decode_one, prefill
+from ferry.model.kv_cache import KVCache
+from ferry.model.rope import rope_for
+from ferry.model.static_step import decode_static
+from ferry.scheduler import step_graphs
+from ferry.model.quant import QuantConfig
+from test_quant import budget
+
+PROMPTS = ["The capital of France", "def add(a, b):"]
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])  # mistral: a sliding window of 8
+def test_static_step_equals_the_decode_step(family, tiny_model_dir):
+    engine = ferry.load(tiny_model_dir(family), dtype="fp32", ctx=64, progress=False)
+    rt = engine.runtime
+    cfg, weights, rope = rt.model, rt.weights, rope_for(rt.model, 64, torch.float32, "cpu")
+    ids = torch.tensor(engine.encode(PROMPTS[0]))
+    caches = [KVCache(cfg, 64, torch.float32, torch.device("cpu")) for _ in range(2)]
+    for cache in caches:
+        prefill(cfg, weights, rope, cache, ids)
+    token, pos = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    for step in range(12):  # past the window, and across a span boundary (16)
+        start = caches[0].length
+        token.fill_(7 + step)
+        pos.fill_(start)
+        want = decode_one(cfg, weights, rope, caches[0], token)
+        got = decode_static(cfg, weights, rope, caches[1], token, pos, span=16 if start < 16 else 32)
+        caches[1].length = start + 1
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1].k[:, :, :caches[0].length], caches[0].k[:, :, :caches[0].length])
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Every capture and every replayed step, counted; buckets of 8 so generations cross spans."""
+    seen = {"captures": [], "steps": 0}
+    eager, step = step_graphs.run_eagerly, step_graphs.StepGraphs.step
+
+    def capture(fn):
+        seen["captures"].append(fn)
+        return eager(fn)
+
+    def counted_step(self, *args):
+        seen["steps"] += 1
+        return step(self, *args)
+    monkeypatch.setattr(step_graphs, "BUCKET", 8)
+    monkeypatch.setattr(step_graphs, "run_eagerly", capture)
+    monkeypatch.setattr(step_graphs.StepGraphs, "step", counted_step)
+    return seen
+
+
+def generate(engine, graphs: bool, prompt: str, n: int = 12):
+    step_graphs.ENABLED = graphs
+    try:
+        return engine.generate(prompt, max_new_tokens=n, ignore_eos=True)
+    finally:
+        step_graphs.ENABLED = None
+
+
+@pytest.mark.parametrize("options", [dict(), dict(sparsity=0.5, mode="sparse"),
+                                     dict(sparsity=0.5, sparse_method="cats", mode="sparse"),
+                                     dict(sparsity=0.5, accept="strict", period=4)])
+def test_engine_with_replayed_steps_equals_plain_steps(options, tiny_model_dir, counted):
+    engine = ferry.load(tiny_model_dir("llama3"), dtype="fp32", ctx=64, progress=False, **options)
+    for prompt in PROMPTS:
+        want = generate(engine, False, prompt)
+        assert counted["steps"] == 0
+        got = generate(engine, True, prompt)
+        assert got.token_ids == want.token_ids and got.stats.sparse_steps == want.stats.sparse_steps
+        # every one-token step replayed (the correction's chunks are not one-token steps)
+        s = got.stats
+        assert counted["steps"] == (s.sparse_steps if "period" in options else s.sparse_steps + s.full_passes)
+        assert 2 <= len(counted["captures"]) <= 4  # spans of 8 positions: a prompt of ~6 tokens + 12
+        counted["steps"], counted["captures"] = 0, []
+    if "period" in options:  # strict Sirius with replayed sparse steps still equals dense greedy
+        dense = ferry.load(tiny_model_dir("llama3"), dtype="fp32", ctx=64, progress=False)
+        assert got.token_ids == dense.generate(PROMPTS[-1], max_new_tokens=12, ignore_eos=True).token_ids
+
+
+def test_streamed_full_passes_are_not_replayed(tiny_model_dir, counted):
+    folder = tiny_model_dir("llama3")
+    engine = ferry.load(folder, dtype="fp32", ctx=64, progress=False, emulate_link_gbps=50.0,
+                        prefetch_depth=1, sparsity=0.5,
+                        gpu_memory=budget(folder, QuantConfig("none"), resident=0, depth=1, prefixes=4), mode="sirius",
+                        accept="strict", period=4)
+    assert engine.plan.streamed_layers and len(engine.plan.prefix_layers) == len(engine.plan.streamed_layers)
+    want = generate(engine, False, PROMPTS[0])
+    got = generate(engine, True, PROMPTS[0])
+    assert got.token_ids == want.token_ids
+    assert counted["steps"] == got.stats.sparse_steps > 0  # the resident sparse set's steps only
+
+
+def test_records_in_place_with_replayed_steps_equal_the_reference(tiny_model_dir, tmp_path, monkeypatch, counted):
+    """What CUDA runs for a quantized model: records read in place (Triton's interpreter here)
+    inside the static step."""
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(packed, "ENABLED", False)
+    monkeypatch.setattr(gemv, "BLOCK_R", 128)
+    engine = ferry.load(tiny_model_dir("qwen2"), dtype="fp32", ctx=64, progress=False, quant="int4",
+                        sparsity=0.5, mode="sparse")
+    want = generate(engine, False, PROMPTS[0], n=6)
+    monkeypatch.setattr(gemv, "ENABLED", True)
+    got = generate(engine, True, PROMPTS[0], n=6)
+    assert got.token_ids == want.token_ids and counted["steps"] == 5
+
+
+def test_graphs_setting_turns_them_off(tiny_model_dir, counted):
+    engine = ferry.load(tiny_model_dir("llama3"), dtype="fp32", ctx=64, progress=False, cuda_graphs=False)
+    generate(engine, True, PROMPTS[0], n=4)
+    assert counted["steps"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+@pytest.mark.parametrize("options", [dict(), dict(sparsity=0.5, mode="sparse"), dict(quant="int4", sparsity=0.5)])
+def test_cuda_graphs_equal_uncaptured_steps(options, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "cache"))
+    engine = ferry.load(tiny_model_dir("llama3"), dtype="fp32", device="cuda", ctx=64, progress=False, **options)
+    for prompt in PROMPTS:
+        want = generate(engine, False, prompt)
+        got = generate(engine, None, prompt)  # automatic: captured on CUDA
+        assert got.token_ids == want.token_ids
