@@ -68,6 +68,18 @@ def test_rows_in_place_equal_dequantize_then_linear(method, dtype, tokens):
     torch.testing.assert_close(got, F.linear(x, ref.mlp[0][:, 0]), **tolerance(dtype))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_long_rows_take_several_blocks(bits, tokens):
+    """Rows of 640 values: several blocks along the row, the last one partly masked."""
+    w = torch.randn(40, 640, generator=torch.Generator().manual_seed(2))
+    grouped = fit_groups(w, bits, 64, fit=False)
+    codes, scales, mins = (None if t is None else t.to(DEVICE) for t in grouped.packed())
+    x = torch.randn(tokens, 640, device=DEVICE)
+    ref = x @ grouped.dequantize().to(DEVICE).t()
+    torch.testing.assert_close(gemv.rows_linear(x, codes, scales, mins, bits), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["int4", "int8"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens, programs", [(1, 1), (1, 64), (5, 64)])
@@ -129,7 +141,8 @@ def test_wide_passes_and_other_devices_stay_on_tiles(monkeypatch):
 def few_programs(monkeypatch):
     """Fewer, larger programs: the interpreter's cost is per program (the blocks' sizes and the
     neuron split are covered above)."""
-    monkeypatch.setattr(gemv, "BLOCK_R", 128)
+    for name in ("BLOCK_R", "BLOCK_R1"):
+        monkeypatch.setattr(gemv, name, 128)
     monkeypatch.setattr(gemv, "PROGRAMS", 1)
 
 

@@ -46,17 +46,17 @@ def test_static_step_equals_the_decode_step(family, tiny_model_dir):
 def counted(monkeypatch):
     """Every capture and every replayed step, counted; buckets of 8 so generations cross spans."""
     seen = {"captures": [], "steps": 0}
-    eager, step = step_graphs.run_eagerly, step_graphs.StepGraphs.step
+    capture, step = step_graphs.StepGraphs._capture, step_graphs.StepGraphs.step
 
-    def capture(fn):
+    def counted_capture(self, fn):
         seen["captures"].append(fn)
-        return eager(fn)
+        return capture(self, fn)
 
     def counted_step(self, *args):
         seen["steps"] += 1
         return step(self, *args)
     monkeypatch.setattr(step_graphs, "BUCKET", 8)
-    monkeypatch.setattr(step_graphs, "run_eagerly", capture)
+    monkeypatch.setattr(step_graphs.StepGraphs, "_capture", counted_capture)
     monkeypatch.setattr(step_graphs.StepGraphs, "step", counted_step)
     return seen
 
@@ -107,7 +107,7 @@ def test_records_in_place_with_replayed_steps_equal_the_reference(tiny_model_dir
     inside the static step."""
     monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(packed, "ENABLED", False)
-    monkeypatch.setattr(gemv, "BLOCK_R", 128)
+    monkeypatch.setattr(gemv, "BLOCK_R1", 128)
     engine = ferry.load(tiny_model_dir("qwen2"), dtype="fp32", ctx=64, progress=False, quant="int4",
                         sparsity=0.5, mode="sparse")
     want = generate(engine, False, PROMPTS[0], n=6)

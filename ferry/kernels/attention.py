@@ -40,7 +40,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     Every row must see at least one key (as causal masks do)."""
     if pick_backend(q) == "manual":
         return attend_manual(q, k, v, scale, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # 4-D [1, heads, rows, d]: the layout CUDA's fused kernels take (3-D falls back to the math path)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale)[0]
 
 
 def attend_manual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -17,9 +17,13 @@ import torch
 
 ENABLED: bool | None = None
 MAX_ROWS = 16  # tokens a kernel call takes (a correction chunk of K <= 16); more go through tiles
-BLOCK_R, BLOCK_P = 32, 64  # rows kernel: rows and value pairs per step
-BLOCK_N, BLOCK_PAIRS = 32, 64  # columns kernel: neurons and output pairs per step
-PROGRAMS = 512  # programs the columns kernel aims for (splitting its neurons) so every SM works
+# Blocks (untuned: no GPU has run them yet). Rows kernel, rows and values per step: one token
+# takes few rows and long runs of values (many programs, wide loads), several tokens 16+ rows
+# for tl.dot. Columns kernel: neurons and output columns per step.
+BLOCK_R1, BLOCK_V1 = 8, 256
+BLOCK_R, BLOCK_V = 32, 128
+BLOCK_N, BLOCK_H = 32, 128
+PROGRAMS = 1024  # programs the columns kernel aims for (splitting its neurons) so every SM works
 
 
 def available(device: torch.device | str) -> bool:
@@ -57,12 +61,13 @@ def rows_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins
     out = x.new_empty(m, r)
     if r == 0:
         return out
-    group = c // scales.shape[1]
-    rows_kernel[(-(-r // BLOCK_R),)](
-        x, _codes(codes, bits), scales, scales if mins is None else mins, out, m, r, c // 2,
+    assert mins is None or mins.stride() == scales.stride(), "scales and mins share one stride"
+    block_r, block_v = (BLOCK_R1, BLOCK_V1) if m == 1 else (BLOCK_R, BLOCK_V)
+    rows_kernel[(-(-r // block_r),)](
+        x, _codes(codes, bits), scales, scales if mins is None else mins, out, m, r, c,
         x.stride(0), codes.stride(0), scales.stride(0), out.stride(0),
-        GROUP=group, BITS=bits, HAS_MINS=mins is not None, BLOCK_M=_block_m(m), BLOCK_R=BLOCK_R,
-        BLOCK_P=BLOCK_P, PRECISION=_precision(x.dtype))
+        GROUP=c // scales.shape[1], BITS=bits, HAS_MINS=mins is not None, BLOCK_M=_block_m(m),
+        BLOCK_R=block_r, BLOCK_V=block_v, PRECISION=_precision(x.dtype))
     return out
 
 
@@ -76,16 +81,17 @@ def columns_linear(z: torch.Tensor, codes: torch.Tensor, index: torch.Tensor, ta
     z = z.contiguous()
     (m, n), (scales, mins) = z.shape, table
     h = scales.shape[1]
-    pair_blocks = -(-(h // 2) // BLOCK_PAIRS)
-    split = max(1, min(-(-n // BLOCK_N), programs // pair_blocks))
+    if n == 0:
+        return z.new_zeros(m, h)
+    col_blocks = -(-h // BLOCK_H)
+    split = max(1, min(-(-n // BLOCK_N), programs // col_blocks))
     chunk = -(-(-(-n // split)) // BLOCK_N) * BLOCK_N  # neurons per split, whole blocks
-    split = -(-n // chunk) if n else 1
-    partial = torch.zeros(split, m, h, dtype=torch.float32, device=z.device)
-    if n:
-        columns_kernel[(pair_blocks, split)](
-            z, _codes(codes, bits), index, scales, scales if mins is None else mins, partial,
-            m, n, h // 2, chunk, z.stride(0), codes.stride(0), index.stride(0), scales.stride(0),
-            partial.stride(0), partial.stride(1),
-            GROUP=group, BITS=bits, HAS_MINS=mins is not None, BLOCK_M=_block_m(m), BLOCK_N=BLOCK_N,
-            BLOCK_P=BLOCK_PAIRS, PRECISION=_precision(z.dtype))
+    split = -(-n // chunk)
+    partial = torch.empty(split, m, h, dtype=torch.float32, device=z.device)  # every element written
+    columns_kernel[(col_blocks, split)](
+        z, _codes(codes, bits), index, scales, scales if mins is None else mins, partial,
+        m, n, h, chunk, z.stride(0), codes.stride(0), index.stride(0), scales.stride(0),
+        partial.stride(0), partial.stride(1),
+        GROUP=group, BITS=bits, HAS_MINS=mins is not None, BLOCK_M=_block_m(m), BLOCK_N=BLOCK_N,
+        BLOCK_H=BLOCK_H, PRECISION=_precision(z.dtype))
     return (partial[0] if split == 1 else partial.sum(0)).to(z.dtype)

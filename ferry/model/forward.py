@@ -70,19 +70,29 @@ def attention(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list[_Ro
     """Grouped-query attention for x [N, H] (every segment's rows); writes each segment's keys
     and values into its cache at its positions, and each segment attends to its own cache."""
     qkv = linear(x, w.qkv, w.qkv_bias)  # [N, q + 2 kv]: one weight read for every row
+    if len(rows) == 1:
+        r = rows[0]
+        return linear(_attend(cfg, qkv, r.cache.k[index], r.cache.v[index], r.start, r.cos, r.sin), w.o)
     out = torch.empty(x.shape[0], cfg.q_size, dtype=x.dtype, device=x.device)
     for r in rows:
         out[r.lo:r.hi] = _attend(cfg, qkv[r.lo:r.hi], r.cache.k[index], r.cache.v[index], r.start, r.cos, r.sin)
     return linear(out, w.o)
 
 
+def rotate_qk(cfg: ModelConfig, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """Rope on the query and key heads of qkv [S, q + 2 kv] in one pass (they are adjacent):
+    q [heads, S, head_dim], k [kv_heads, S, head_dim]."""
+    s, heads = qkv.shape[0], cfg.num_heads + cfg.num_kv_heads
+    qk = apply_rope(qkv[:, :cfg.q_size + cfg.kv_size].view(s, heads, cfg.head_dim).transpose(0, 1), cos, sin)
+    return qk[:cfg.num_heads], qk[cfg.num_heads:]
+
+
 def _attend(cfg: ModelConfig, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """One segment: rope, cache writes at start..start+S-1, attention over its cache; [S, q]."""
     s = qkv.shape[0]
-    q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-    q = apply_rope(q.view(s, cfg.num_heads, cfg.head_dim).transpose(0, 1), cos, sin)
-    k = apply_rope(k.view(s, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1), cos, sin)
+    q, k = rotate_qk(cfg, qkv, cos, sin)
+    v = qkv[:, cfg.q_size + cfg.kv_size:]
     end = start + s
     k_cache[:, start:end] = k  # [kv_heads, S, head_dim]
     v_cache[:, start:end] = v.view(s, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ferry.kernels.attention import attend
-from ferry.kernels.reference import apply_rope, rms_norm
+from ferry.kernels.reference import rms_norm
 from ferry.model.config import ModelConfig
-from ferry.model.forward import linear, mlp
+from ferry.model.forward import linear, mlp, rotate_qk
 from ferry.model.kv_cache import KVCache
 from ferry.model.rope import Rope
 from ferry.model.weights import LayerWeights, ModelWeights
@@ -35,9 +35,8 @@ def span_mask(cfg: ModelConfig, pos: torch.Tensor, span: int) -> torch.Tensor:
 def _attention(cfg: ModelConfig, w: LayerWeights, h: torch.Tensor, cache: KVCache, index: int,
                pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     qkv = linear(h, w.qkv, w.qkv_bias)  # [1, q + 2 kv]
-    q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-    q = apply_rope(q.view(1, cfg.num_heads, cfg.head_dim).transpose(0, 1), cos, sin)
-    k = apply_rope(k.view(1, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1), cos, sin)
+    q, k = rotate_qk(cfg, qkv, cos, sin)
+    v = qkv[:, cfg.q_size + cfg.kv_size:]
     span = mask.shape[-1]
     cache.k[index].index_copy_(1, pos, k)  # [kv_heads, 1, head_dim] at the token's position
     cache.v[index].index_copy_(1, pos, v.view(1, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1))

@@ -285,8 +285,9 @@ def make_clock(device: torch.device) -> HostClock | CudaClock:
 
 
 
-def capture_graph(fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
-    """fn's kernels as a CUDA graph: (replay, fn's output, rewritten by each replay). Warm-ups run
+def capture_graph(fn: Callable[[], Any], pool: Any = None) -> tuple[Callable[[], None], Any]:
+    """fn's kernels as a CUDA graph on the current device, in memory pool `pool` (one pool serves
+    graphs that never run at once): (replay, fn's output, rewritten by each replay). Warm-ups run
     first on a side stream (capture requires it; Triton compiles there, not in the capture)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -295,6 +296,6 @@ def capture_graph(fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):  # a server's other threads
         out = fn()
     return graph.replay, out

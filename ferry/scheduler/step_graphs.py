@@ -13,6 +13,7 @@ capture: what the tests compare with `forward`'s step); False never.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -46,8 +47,20 @@ class StepGraphs:
         device = cache.k.device
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.capture = capture_graph if device.type == "cuda" else run_eagerly
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.graphs: dict[tuple[str, int], tuple[Callable[[], None], torch.Tensor]] = {}
+
+    def _capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        """A CUDA graph of fn on CUDA (eager replays if capture fails, with a warning); eager elsewhere."""
+        if self.device.type != "cuda":
+            return run_eagerly(fn)
+        try:
+            with torch.cuda.device(self.device):
+                return capture_graph(fn, self.pool)
+        except RuntimeError as err:
+            warnings.warn(f"CUDA graph capture failed ({err}); this step runs without a graph", stacklevel=2)
+            return run_eagerly(fn)
 
     def step(self, kind: str, weights: ModelWeights, token: int, start: int) -> torch.Tensor:
         """One token at position `start` through `weights` (all on the device); logits [V]."""
@@ -56,7 +69,7 @@ class StepGraphs:
         self.pos.fill_(start)
         key = (kind, span)
         if key not in self.graphs:
-            self.graphs[key] = self.capture(
+            self.graphs[key] = self._capture(
                 lambda: decode_static(self.cfg, weights, self.rope, self.cache, self.token, self.pos, span))
         replay, logits = self.graphs[key]
         replay()
