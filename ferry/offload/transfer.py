@@ -286,9 +286,8 @@ def make_clock(device: torch.device) -> HostClock | CudaClock:
 
 
 def capture_graph(fn: Callable[[], Any], pool: Any = None) -> tuple[Callable[[], None], Any]:
-    """fn's kernels as a CUDA graph on the current device, in memory pool `pool` (one pool serves
-    graphs that never run at once): (replay, fn's output, rewritten by each replay). Warm-ups run
-    first on a side stream (capture requires it; Triton compiles there, not in the capture)."""
+    """fn as a CUDA graph in memory pool `pool`: (replay, fn's output, rewritten by each replay).
+    Warm-ups run first on a side stream (capture requires it; Triton compiles there, not in it)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
