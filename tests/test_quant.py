@@ -228,8 +228,9 @@ def test_layer_bytes_of_a_70b_layer():
         table = inter // 32 * h * per_group  # down_proj's groups across neurons
         attention = 4 * h + qkv * row + h * row + 4 * h + table  # norms stay fp32
         assert q.mlp_offset == attention  # every section is already 16-byte aligned here
-        record = 3 * int(h * per_value) + 2 * per_group * h // 32 + 4  # codes, gate/up groups, index
-        assert q.row_numel == record
+        unpadded = 3 * int(h * per_value) + 2 * per_group * h // 32 + 4  # codes, gate/up groups, index
+        record = -(-unpadded // 16) * 16  # padded: every record starts 16-byte aligned
+        assert q.index_offset == unpadded - 4 and q.row_numel == record
         assert q.numel == attention + inter * record
         assert q.prefix_numel(100) == attention + 100 * record
 

@@ -15,7 +15,7 @@ Byte layout of a layer (every section starts on a 16-byte boundary):
 - the MLP: one fixed-size record per neuron, in neuron order: the codes of its gate row, up row
   and down column [3, H * bits / 8], then the gate and up rows' scales [2, H / group], then
   (int4) their mins, then the neuron's index in the checkpoint (int32), which names its down
-  group.
+  group; padded to a multiple of 16 bytes.
 
 Neurons 0..k-1 are therefore a byte prefix of the layer (the down group table is in the
 attention part, which every pass reads): a sparse step's fetch is one contiguous copy, resident
@@ -161,11 +161,17 @@ class QuantLayout:
         return self.base.hidden_size
 
     @property
+    def index_offset(self) -> int:
+        """Where a record's checkpoint index (int32) sits: after its codes, scales and mins."""
+        h = self.hidden_size
+        return 3 * h * self.bits // 8 + 2 * (h // self.group) * (2 if self.bits == 8 else 4)
+
+    @property
     def row_numel(self) -> int:
         """Bytes of one neuron record: gate, up and down codes, gate and up scales (and mins),
-        and the neuron's index in the checkpoint (which down group it belongs to)."""
-        h = self.hidden_size
-        return 3 * h * self.bits // 8 + 2 * (h // self.group) * (2 if self.bits == 8 else 4) + 4
+        and the neuron's index in the checkpoint (which down group it belongs to), padded to 16
+        bytes so every record starts aligned (a GPU kernel's wide loads need it)."""
+        return _aligned(self.index_offset + 4)
 
     def prefix_numel(self, rows: int) -> int:
         """Bytes of the attention part plus the first `rows` neuron records."""
@@ -199,7 +205,7 @@ class QuantLayout:
         codes = rec[:, :cb].view(n, 3, -1)
         scales = rec[:, cb:cb + 4 * g].view(torch.float16).view(n, 2, g)
         mins = rec[:, cb + 4 * g:cb + 8 * g].view(torch.float16).view(n, 2, g) if self.bits == 4 else None
-        return codes, scales, mins, rec[:, self.row_numel - 4:].view(torch.int32).view(n)
+        return codes, scales, mins, rec[:, self.index_offset:self.index_offset + 4].view(torch.int32).view(n)
 
     def _cut(self, raw: torch.Tensor, rows: int, c: int) -> tuple:
         """Codes, scales and mins of each of raw's records [N, bytes], each `rows` rows of c values."""

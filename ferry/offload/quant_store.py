@@ -34,7 +34,7 @@ from ferry.offload.pack import pack_quant_layer
 from ferry.offload.sources import cache_dir
 from ferry.offload.transfer import host_empty
 
-FORMAT = 4  # bump when the byte layout changes
+FORMAT = 5  # bump when the byte layout changes (5: records padded to 16 bytes)
 MAGIC = b"FERRYQ04"
 _TAIL = struct.Struct("<Q8s")  # trailer length, magic: the file's last 16 bytes
 
