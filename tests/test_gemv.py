@@ -26,6 +26,7 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 @pytest.fixture(autouse=True)
 def kernels_on(monkeypatch):
     monkeypatch.setattr(gemv, "ENABLED", True)
+    torch.manual_seed(0)  # the activations below: the same draws every run
 
 
 def quantized(method: str, inter: int = 320):
@@ -72,10 +73,11 @@ def test_rows_in_place_equal_dequantize_then_linear(method, dtype, tokens):
 @pytest.mark.parametrize("tokens", [1, 2])
 def test_long_rows_take_several_blocks(bits, tokens):
     """Rows of 640 values: several blocks along the row, the last one partly masked."""
-    w = torch.randn(40, 640, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 640, generator=gen) * 0.05  # a layer's scale, as random_layer
     grouped = fit_groups(w, bits, 64, fit=False)
     codes, scales, mins = (None if t is None else t.to(DEVICE) for t in grouped.packed())
-    x = torch.randn(tokens, 640, device=DEVICE)
+    x = torch.randn(tokens, 640, generator=gen).to(DEVICE)
     ref = x @ grouped.dequantize().to(DEVICE).t()
     torch.testing.assert_close(gemv.rows_linear(x, codes, scales, mins, bits), ref, rtol=1e-5, atol=1e-5)
 
@@ -155,8 +157,9 @@ def load(folder, kernels: bool, **options):
         gemv.ENABLED, packed.ENABLED = True, None
 
 
-@pytest.mark.parametrize("family, method, streamed", [("llama3", "int4", False), ("qwen2", "int8", False),
-                                                      ("qwen2", "int4", True)])
+@pytest.mark.parametrize("family, method, streamed", [
+    ("llama3", "int4", False), ("qwen2", "int8", False),
+    pytest.param("qwen2", "int4", True, marks=pytest.mark.skipif(DEVICE == "cuda", reason="a CPU plan's budget"))])
 def test_engine_on_records_in_place_equals_tiled_engine(family, method, streamed, tiny_model_dir, quant_cache,
                                                         few_programs):
     folder = tiny_model_dir(family)

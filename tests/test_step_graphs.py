@@ -1,6 +1,7 @@
 """Resident decode steps as a static step (`ferry.model.static_step`) replayed by `StepGraphs`:
 on the CPU the step runs eagerly (no capture), and must equal `forward`'s decode step; on CUDA
-the captured graphs must equal the uncaptured steps."""
+the captured graphs must equal the uncaptured steps. The eager tests load on the CPU wherever
+they run."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from ferry.model.quant import QuantConfig
 from test_quant import budget
 
 PROMPTS = ["The capital of France", "def add(a, b):"]
+CPU = dict(dtype="fp32", device="cpu", ctx=64, progress=False)
 
 
 @pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])  # mistral: a sliding window of 8
 def test_static_step_equals_the_decode_step(family, tiny_model_dir):
-    engine = ferry.load(tiny_model_dir(family), dtype="fp32", ctx=64, progress=False)
+    engine = ferry.load(tiny_model_dir(family), **CPU)
     rt = engine.runtime
     cfg, weights, rope = rt.model, rt.weights, rope_for(rt.model, 64, torch.float32, "cpu")
     ids = torch.tensor(engine.encode(PROMPTS[0]))
@@ -73,7 +75,7 @@ def generate(engine, graphs: bool, prompt: str, n: int = 12):
                                      dict(sparsity=0.5, sparse_method="cats", mode="sparse"),
                                      dict(sparsity=0.5, accept="strict", period=4)])
 def test_engine_with_replayed_steps_equals_plain_steps(options, tiny_model_dir, counted):
-    engine = ferry.load(tiny_model_dir("llama3"), dtype="fp32", ctx=64, progress=False, **options)
+    engine = ferry.load(tiny_model_dir("llama3"), **CPU, **options)
     for prompt in PROMPTS:
         want = generate(engine, False, prompt)
         assert counted["steps"] == 0
@@ -85,13 +87,13 @@ def test_engine_with_replayed_steps_equals_plain_steps(options, tiny_model_dir, 
         assert 2 <= len(counted["captures"]) <= 4  # spans of 8 positions: a prompt of ~6 tokens + 12
         counted["steps"], counted["captures"] = 0, []
     if "period" in options:  # strict Sirius with replayed sparse steps still equals dense greedy
-        dense = ferry.load(tiny_model_dir("llama3"), dtype="fp32", ctx=64, progress=False)
+        dense = ferry.load(tiny_model_dir("llama3"), **CPU)
         assert got.token_ids == dense.generate(PROMPTS[-1], max_new_tokens=12, ignore_eos=True).token_ids
 
 
 def test_streamed_full_passes_are_not_replayed(tiny_model_dir, counted):
     folder = tiny_model_dir("llama3")
-    engine = ferry.load(folder, dtype="fp32", ctx=64, progress=False, emulate_link_gbps=50.0,
+    engine = ferry.load(folder, **CPU, emulate_link_gbps=50.0,
                         prefetch_depth=1, sparsity=0.5,
                         gpu_memory=budget(folder, QuantConfig("none"), resident=0, depth=1, prefixes=4), mode="sirius",
                         accept="strict", period=4)
@@ -102,13 +104,14 @@ def test_streamed_full_passes_are_not_replayed(tiny_model_dir, counted):
     assert counted["steps"] == got.stats.sparse_steps > 0  # the resident sparse set's steps only
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter runs only where CUDA does not")
 def test_records_in_place_with_replayed_steps_equal_the_reference(tiny_model_dir, tmp_path, monkeypatch, counted):
     """What CUDA runs for a quantized model: records read in place (Triton's interpreter here)
     inside the static step."""
     monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(packed, "ENABLED", False)
     monkeypatch.setattr(gemv, "BLOCK_R1", 128)
-    engine = ferry.load(tiny_model_dir("qwen2"), dtype="fp32", ctx=64, progress=False, quant="int4",
+    engine = ferry.load(tiny_model_dir("qwen2"), **CPU, quant="int4",
                         sparsity=0.5, mode="sparse")
     want = generate(engine, False, PROMPTS[0], n=6)
     monkeypatch.setattr(gemv, "ENABLED", True)
@@ -117,7 +120,7 @@ def test_records_in_place_with_replayed_steps_equal_the_reference(tiny_model_dir
 
 
 def test_graphs_setting_turns_them_off(tiny_model_dir, counted):
-    engine = ferry.load(tiny_model_dir("llama3"), dtype="fp32", ctx=64, progress=False, cuda_graphs=False)
+    engine = ferry.load(tiny_model_dir("llama3"), **CPU, cuda_graphs=False)
     generate(engine, True, PROMPTS[0], n=4)
     assert counted["steps"] == 0
 
