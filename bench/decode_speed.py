@@ -78,7 +78,8 @@ def attention_inputs(s: int, keys: int, dtype: torch.dtype):
 
 def time_attention(runs: int, dtype: torch.dtype) -> list[dict]:
     """Microseconds per call, SDPA and manual interleaved; median over runs of a batch of calls."""
-    sdpa = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.125)  # noqa: E731
+    # 4-D [1, heads, rows, d], as `ferry.kernels.attention.attend` calls it (3-D is several times slower)
+    sdpa = lambda q, k, v, m: F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=m, scale=0.125)[0]  # noqa: E731
     manual = lambda q, k, v, m: attend_manual(q, k, v, 0.125, m)  # noqa: E731
     rows = []
     for s, keys in [(1, 64), (1, 256), (1, 1024), (16, 80), (16, 256), (16, 1024)]:

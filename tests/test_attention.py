@@ -64,12 +64,11 @@ def test_sliding_window_mask(dtype):
 
 
 def test_backend_choice(monkeypatch):
-    few, many = torch.zeros(3, 3, 8), torch.zeros(3, attention.MANUAL_MAX_ROWS + 1, 8)
-    assert attention.pick_backend(few) == "manual" and attention.pick_backend(many) == "sdpa"
-    monkeypatch.setattr(attention, "BACKEND", "sdpa")
-    assert attention.pick_backend(few) == "sdpa"
     q, k, v, mask = inputs(16, 50, torch.float32)
+    assert attention.BACKEND == "sdpa"  # the default: SDPA called 4-D, as `sdpa` above
     assert torch.equal(attention.attend(q, k, v, D ** -0.5, mask), sdpa(q, k, v, mask))
+    monkeypatch.setattr(attention, "BACKEND", "manual")
+    assert torch.equal(attention.attend(q, k, v, D ** -0.5, mask), attention.attend_manual(q, k, v, D ** -0.5, mask))
 
 
 def run_model(folder, backend: str, monkeypatch) -> torch.Tensor:
