@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling gemv_che
 import ferry  # noqa: E402
 from gemv_check import check as check_kernels, report as report_kernels, seconds  # noqa: E402
 from ferry.kernels import gemv  # noqa: E402
+from ferry.scheduler import step_graphs  # noqa: E402
 from ferry.offload.costmodel import GPUS, Gpu, predict_for_plan  # noqa: E402
 from ferry.offload.planner import parse_size  # noqa: E402
 
@@ -145,17 +146,21 @@ def device_read_gbps(device: str, nbytes: int, reps: int = 10) -> float:
     return w.numel() * 2 / t / 1e9
 
 
+LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"}
+
+
 def launches_per_step(engine, prompt: str, device: str) -> float:
-    """Kernels launched per decode step on CUDA (operators run on the CPU), from the profiler:
-    one generation of 9 tokens less one of 1, over the 8 steps between them."""
+    """Launches per decode step, from the profiler: on CUDA the host's launch calls (a replayed
+    graph is one), on the CPU the operators run. One generation of 9 tokens less one of 1, over
+    the 8 steps between them (run after others, so the steps' graphs are already captured)."""
     from torch.profiler import ProfilerActivity, profile
 
     def count(n: int) -> int:
-        activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=activities) as prof:
             engine.generate(prompt, max_new_tokens=n, ignore_eos=True, chat=False)
         if device == "cuda":
-            return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+            return sum(1 for e in prof.events() if e.name in LAUNCH_CALLS)
         return sum(1 for e in prof.events() if e.name.startswith("aten::"))
     return (count(9) - count(1)) / 8
 
@@ -177,8 +182,13 @@ def resident_steps(folder: Path, common: dict, prompt: str, args, read_gbps: flo
         floor = read / (read_gbps * 1e9)
         rows[name] = {"measured_s": measured["s"], "bytes_read": read, "floor_s": floor,
                       "vs_floor": measured["s"] / floor, "launches": launches_per_step(engine, prompt, common["device"])}
-        log(f"{name}: {measured['s'] * 1e3:.2f} ms/step, {read / 1e6:.0f} MB read, "
-            f"{rows[name]['vs_floor']:.2f}x bytes/bandwidth, {rows[name]['launches']:.0f} launches/step")
+        step_graphs.ENABLED = False  # the same engine without graphs: what they save
+        rows[name]["no_graphs_s"] = time_engine(engine, prompt, args.new_tokens, args.runs)["s"]
+        rows[name]["no_graphs_launches"] = launches_per_step(engine, prompt, common["device"])
+        step_graphs.ENABLED = None
+        log(f"{name}: {measured['s'] * 1e3:.2f} ms/step ({rows[name]['no_graphs_s'] * 1e3:.2f} without graphs), "
+            f"{read / 1e6:.0f} MB read, {rows[name]['vs_floor']:.2f}x bytes/bandwidth, "
+            f"{rows[name]['launches']:.0f} launches/step ({rows[name]['no_graphs_launches']:.0f} without graphs)")
         engine.close()
         del engine
         gc.collect()
@@ -338,11 +348,12 @@ def report(args, rows: dict, steps: dict, kernels: dict | None, card: str, shape
                  f"{r['predicted_bytes'] / 1e6:9.1f}" if "predicted_bytes" in r else f"{'-':>9}"]
         aal = f"{r['aal']:.2f}" if r.get("aal") else "-"
         print(f"{name:26}{''.join(cells)}  {r.get('bound', '-'):6}  {aal}")
-    unit = "kernels" if "emulated" not in card else "aten ops"
-    print(f"{'resident steps':26}{'ms/step':>12}{'MB read':>13}{'vs floor':>10}{unit + '/step':>16}")
+    unit = "launches" if "emulated" not in card else "aten ops"
+    print(f"{'resident steps':26}{'ms/step':>12}{'MB read':>13}{'vs floor':>10}{unit + '/step':>16}"
+          f"{'no graphs: ms':>15}{unit:>10}")
     for name, r in steps.items():
         print(f"{name:26}{r['measured_s'] * 1e3:12.2f}{r['bytes_read'] / 1e6:13.1f}{r['vs_floor']:10.2f}"
-              f"{r['launches']:16.0f}")
+              f"{r['launches']:16.0f}{r['no_graphs_s'] * 1e3:15.2f}{r['no_graphs_launches']:10.0f}")
     if kernels:
         report_kernels(kernels)
     out = {"bench": "gpu_suite", "device": card, "shape": shape, "budget_bytes": budget, "resident_steps": steps,

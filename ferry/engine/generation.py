@@ -218,11 +218,21 @@ def make_passes(rt: Runtime, full: ModelWeights, sparse: ModelWeights, ctx=None,
     step_graphs, full_resident = None, None
     if graphs and rt.config.runtime.cuda_graphs and graphs_available(rt.device) \
             and full.embed.device == ctx.cache.k.device:  # embeddings in host memory: a copy per token
-        step_graphs = StepGraphs(rt.model, ctx.rope, ctx.cache)
+        step_graphs = ctx.graphs = step_graphs_for(rt, ctx)
         if rt.executor.moves_nothing(Kind.FULL):
             full_resident = replace(full, layers=full.layers.as_resident())
     return Passes(rt.model, ctx.rope, ctx.cache, full, sparse, rt.executor.expect, sparse_resident=resident,
                   graphs=step_graphs, full_resident=full_resident)
+
+
+def step_graphs_for(rt: Runtime, ctx) -> StepGraphs:
+    """The context's captured steps while they still hold: the same KV cache and rope tables, and
+    no weight buffer moved since (the store's epoch); else a fresh set."""
+    epoch = rt.executor.store.epoch
+    old = ctx.graphs
+    if old is not None and old.cache is ctx.cache and old.rope is ctx.rope and old.epoch == epoch:
+        return old
+    return StepGraphs(rt.model, ctx.rope, ctx.cache, epoch)
 
 
 def decode(rt: Runtime, passes: Passes, first: int, request: Request, sampler: Sampler,

@@ -37,6 +37,7 @@ from ferry.offload.sources import resolve_model
 from ferry.offload.cpu_links import EmulatedLink, InOrderLink
 from ferry.offload.transfer import CudaLink, Link
 from ferry.scheduler.adaptive import ConfidenceTuner
+from ferry.scheduler.step_graphs import StepGraphs
 from ferry.sparse.calibrate import load_or_calibrate, thresholds_for
 
 
@@ -53,6 +54,7 @@ class Context:
     tokens: list[int] = field(default_factory=list)
     scores: list[torch.Tensor] | None = None
     scored: int = 0
+    graphs: StepGraphs | None = None  # captured steps, kept while the cache, rope and weights stay
 
     def forget(self) -> None:
         self.tokens, self.scores, self.scored = [], None, 0
@@ -178,6 +180,7 @@ def ensure_context(rt: Runtime, prompt_len: int, max_new_tokens: int) -> Context
     need = fixed or min(limit, prompt_len + max(max_new_tokens, 1))
     ctx = rt.context
     if ctx.cache is None or ctx.cache.capacity < need:
+        ctx.graphs = None  # they hold the old cache: let it go before the new one is allocated
         cache = KVCache(rt.model, need, rt.dtype, rt.device)
         if ctx.cache is not None:  # keep the previous sequence for the next request to reuse
             cache.copy_prefix(ctx.cache, ctx.cache.full_length)

@@ -91,6 +91,7 @@ class LayerStore:
         self.prefix_buffers: dict[int, torch.Tensor] = {}  # the ones whose prefix is loaded now
         self.rows = layout.intermediate_size  # neurons a SPARSE pass uses (a prefix)
         self.thresholds: list[float] | None = None  # CATS thresholds for SPARSE passes
+        self.epoch = 0  # bumped when a buffer the weights are read from moves (captured graphs go stale)
         self._views: dict[tuple, LayerWeights] = {}  # per (layer, kind, slot), built once
         self._jobs: dict[tuple, list[Callable[[], None]]] = {}  # vector copies of quantized layers, likewise
 
@@ -171,6 +172,7 @@ class LayerStore:
         for layer, order in enumerate(orders):
             if layer in self.packed:
                 self.packed[layer] = self.packed[layer].reordered(order.to(self.device))
+                self.epoch += 1
                 continue
             flat = self.resident.get(layer, self.host.get(layer))
             bundle = flat[self.fmt.mlp_offset:].view(self.fmt.intermediate_size, -1)
@@ -178,14 +180,17 @@ class LayerStore:
                 staging = torch.empty_like(bundle)
             gather_rows(bundle, order.to(bundle.device), staging)
             bundle.copy_(staging)
-        self.rows, self.thresholds = rows, None
         n = self.layout.intermediate_size
+        if rows != self.rows or self.thresholds is not None or rows == n:
+            self.epoch += 1  # SPARSE passes read other rows (all selected: no prefix at all)
         if rows == n:  # nothing is selected out: no prefix worth keeping
             self.prefix_buffers.clear()
+        self.rows, self.thresholds = rows, None
         prefix = self.fmt.prefix_numel(rows)
         for layer in self.prefix_layers if rows < n else ():
             if layer not in self.prefix_buffers:
                 self.prefix_buffers[layer] = torch.empty(prefix, dtype=self.fmt_dtype, device=self.device)
+                self.epoch += 1
             self.link.wait(self.link.copy(self.prefix_buffers[layer], self.host[layer][:prefix]))
         self._forget_views()
 
@@ -193,6 +198,7 @@ class LayerStore:
         """CATS: SPARSE passes use every neuron, skipping those under the layer's threshold."""
         self.prefix_buffers.clear()  # every row may be needed: no prefix is enough
         self.rows, self.thresholds = self.layout.intermediate_size, list(thresholds)
+        self.epoch += 1
         self._forget_views()
 
     def _forget_views(self) -> None:

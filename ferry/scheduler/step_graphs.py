@@ -3,18 +3,23 @@
 A step whose weights are all on the device (every layer resident for dense steps, the resident
 sparse set for sparse steps) runs `ferry.model.static_step.decode_static`, captured once per
 (kind of step, attention span) and replayed for every token: the token and its position are
-written into device buffers first, and the span grows in buckets of `BUCKET` positions, so a
-generation captures a few graphs, not one per token. Passes that stream (correction chunks,
-prefills) keep their copy stream and events and run as before.
+written into device buffers first, and the span grows in buckets of `BUCKET` positions. The
+graphs outlive a generation: the engine keeps them while its KV cache, rope tables and weight
+buffers stay where they are (`LayerStore.epoch` counts the moves; a Griffin reorder gathers rows
+in place on CUDA), so a conversation captures a few graphs, not a few per request. Passes that
+stream (correction chunks, prefills) keep their copy stream and events and run as before.
 
 `ENABLED`: None captures on CUDA; True also runs the static step on other devices, eagerly (no
-capture: what the tests compare with `forward`'s step); False never.
+capture: what the tests compare with `forward`'s step). Eagerly, each step also checks that the
+weights it reads are still at the addresses they had when its graph would have been captured,
+so a move the epoch missed fails there instead of reading stale weights on a GPU.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from dataclasses import fields, is_dataclass
+from typing import Callable, Iterator
 
 import torch
 
@@ -33,6 +38,27 @@ def available(device: torch.device) -> bool:
     return ENABLED is True or (ENABLED is None and device.type == "cuda")
 
 
+def addresses(obj) -> Iterator[int]:
+    """Data addresses of every tensor in weights (tensors, tuples, dataclasses of them)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj.data_ptr()
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from addresses(item)
+    elif is_dataclass(obj) and not isinstance(obj, type):
+        for f in fields(obj):
+            yield from addresses(getattr(obj, f.name))
+
+
+def weight_addresses(cfg: ModelConfig, weights: ModelWeights) -> tuple[int, ...]:
+    """What a captured step holds: the addresses of everything it reads through `weights`."""
+    found = list(addresses((weights.embed, weights.norm, weights.lm_head)))
+    for index in range(cfg.num_layers):
+        found += addresses(weights.layers.acquire(index))
+        weights.layers.release(index)
+    return tuple(found)
+
+
 def run_eagerly(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
     """capture_graph's contract without a graph: each replay reruns fn into the same output."""
     out = fn()
@@ -42,14 +68,15 @@ def run_eagerly(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], tor
 class StepGraphs:
     """Captured decode steps of one generation (its weights and KV cache stay where they are)."""
 
-    def __init__(self, cfg: ModelConfig, rope: Rope, cache: KVCache):
-        self.cfg, self.rope, self.cache = cfg, rope, cache
+    def __init__(self, cfg: ModelConfig, rope: Rope, cache: KVCache, epoch: int = 0):
+        self.cfg, self.rope, self.cache, self.epoch = cfg, rope, cache, epoch
         device = cache.k.device
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.device = device
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.graphs: dict[tuple[str, int], tuple[Callable[[], None], torch.Tensor]] = {}
+        self.held: dict[tuple[str, int], tuple[int, ...]] = {}  # eagerly: the addresses at "capture"
 
     def _capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
         """A CUDA graph of fn on CUDA (eager replays if capture fails, with a warning); eager elsewhere."""
@@ -71,6 +98,11 @@ class StepGraphs:
         if key not in self.graphs:
             self.graphs[key] = self._capture(
                 lambda: decode_static(self.cfg, weights, self.rope, self.cache, self.token, self.pos, span))
+            if self.device.type != "cuda":
+                self.held[key] = weight_addresses(self.cfg, weights)
+        elif self.device.type != "cuda" and weight_addresses(self.cfg, weights) != self.held[key]:
+            raise RuntimeError(f"the {kind} weights moved since this step's graph was captured "
+                               "(a buffer move LayerStore.epoch did not count)")
         replay, logits = self.graphs[key]
         replay()
         self.cache.length = start + 1
