@@ -172,6 +172,17 @@ def layer_kernel(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes:
     return "packed" if resident and packed_kernel(cfg, quant, device, dtype_bytes) else "tiles"
 
 
+KERNEL_NOTES = {"records": "decode-sized passes read it in place (Triton)",
+                "packed": "resident layers on the CPU's int4 kernel, the others dequantized by tiles",
+                "tiles": "dequantized a tile at a time (on CUDA, Triton's in-place kernels need it installed)"}
+
+
+def kernel_note(cfg: ModelConfig, plan) -> str:
+    """How a plan's quantized layers are computed, for `ferry plan`."""
+    quant = QuantConfig(plan.quant, plan.quant_group)
+    return KERNEL_NOTES[layer_kernel(cfg, quant, plan.device, plan.dtype_bytes, resident=True)]
+
+
 def tiled_head(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes: int) -> bool:
     """Whether lm_head is int8 groups with a tile to dequantize into (int8 where the CPU's packed
     kernel does not take it; the in-place kernels read it without the tile, wide passes use it)."""

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from ferry.errors import FerryError, SettingError
 from ferry.model.config import ModelConfig
 from ferry.model.quant import QuantConfig, head_group
-from ferry.offload.accounting import StepBytes, link_bytes, part_bytes, pass_reads
+from ferry.offload.accounting import StepBytes, kernel_note, link_bytes, part_bytes, pass_reads
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -222,7 +222,7 @@ def describe(plan: Plan, cfg: ModelConfig, name: str) -> str:
         f"{plan.dtype_bytes} bytes/parameter, context {plan.ctx} tokens",
         f"one layer    {fmt_bytes(plan.layer_bytes)}"
         + (f" ({plan.quant}, groups of {plan.quant_group} values with an fp16 scale"
-           f"{' and min' if plan.quant == 'int4' else ''}; the workspace holds one dequantization tile)"
+           f"{' and min' if plan.quant == 'int4' else ''}; {kernel_note(cfg, plan)})"
            if plan.quant != "none" else ""),
         "resident:",
         f"  KV cache   {fmt_bytes(plan.kv_cache_bytes)}"
