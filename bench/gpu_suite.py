@@ -183,9 +183,11 @@ def resident_steps(folder: Path, common: dict, prompt: str, args, read_gbps: flo
         rows[name] = {"measured_s": measured["s"], "bytes_read": read, "floor_s": floor,
                       "vs_floor": measured["s"] / floor, "launches": launches_per_step(engine, prompt, common["device"])}
         step_graphs.ENABLED = False  # the same engine without graphs: what they save
-        rows[name]["no_graphs_s"] = time_engine(engine, prompt, args.new_tokens, args.runs)["s"]
-        rows[name]["no_graphs_launches"] = launches_per_step(engine, prompt, common["device"])
-        step_graphs.ENABLED = None
+        try:
+            rows[name]["no_graphs_s"] = time_engine(engine, prompt, args.new_tokens, args.runs)["s"]
+            rows[name]["no_graphs_launches"] = launches_per_step(engine, prompt, common["device"])
+        finally:
+            step_graphs.ENABLED = None
         log(f"{name}: {measured['s'] * 1e3:.2f} ms/step ({rows[name]['no_graphs_s'] * 1e3:.2f} without graphs), "
             f"{read / 1e6:.0f} MB read, {rows[name]['vs_floor']:.2f}x bytes/bandwidth, "
             f"{rows[name]['launches']:.0f} launches/step ({rows[name]['no_graphs_launches']:.0f} without graphs)")

@@ -148,40 +148,68 @@ def few_programs(monkeypatch):
     monkeypatch.setattr(gemv, "PROGRAMS", 1)
 
 
-def load(folder, kernels: bool, **options):
-    gemv.ENABLED = kernels
-    packed.ENABLED = False  # resident layers stay as records (the CPU would pack them for its kernel)
+def load(folder, **options):
+    """An engine whose resident layers stay as records (the CPU would pack them for its kernel);
+    whether products read them in place is decided at each call, by gemv.ENABLED."""
+    packed.ENABLED = False
     try:
         return ferry.load(folder, **{"dtype": "fp32", "ctx": 64, "progress": False, **options})
     finally:
-        gemv.ENABLED, packed.ENABLED = True, None
+        packed.ENABLED = None
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Calls of the in-place kernels, counted."""
+    calls = {"rows": 0, "columns": 0}
+    rows, columns = gemv.rows_linear, gemv.columns_linear
+
+    def counted_rows(*args, **kwargs):
+        calls["rows"] += 1
+        return rows(*args, **kwargs)
+
+    def counted_columns(*args, **kwargs):
+        calls["columns"] += 1
+        return columns(*args, **kwargs)
+    monkeypatch.setattr(gemv, "rows_linear", counted_rows)
+    monkeypatch.setattr(gemv, "columns_linear", counted_columns)
+    return calls
+
+
+def run(engine, kernels: bool, prompt: str, monkeypatch):
+    """Logits over the prompt (up to 16 tokens: the kernels' width too) and 6 greedy tokens."""
+    monkeypatch.setattr(gemv, "ENABLED", kernels)
+    return engine.logits(engine.encode(prompt)), engine.generate(prompt, max_new_tokens=6, ignore_eos=True).token_ids
 
 
 @pytest.mark.parametrize("family, method, streamed", [
     ("llama3", "int4", False), ("qwen2", "int8", False),
     pytest.param("qwen2", "int4", True, marks=pytest.mark.skipif(DEVICE == "cuda", reason="a CPU plan's budget"))])
 def test_engine_on_records_in_place_equals_tiled_engine(family, method, streamed, tiny_model_dir, quant_cache,
-                                                        few_programs):
+                                                        few_programs, kernel_calls, monkeypatch):
     folder = tiny_model_dir(family)
     options = dict(quant=method)
-    if streamed:  # one layer resident, three streamed through one slot (a plain head: one plan for both)
+    if streamed:  # one layer resident, three streamed through one slot (a plain head)
         options.update(quant_lm_head="none", prefetch_depth=1,
                        gpu_memory=budget(folder, QuantConfig(method, lm_head="none"), resident=1, depth=1))
-    fast, ref = load(folder, True, **options), load(folder, False, **options)
-    assert len(fast.plan.streamed_layers) == len(ref.plan.streamed_layers) == (3 if streamed else 0)
-    ids = fast.encode(PROMPTS[0])
-    torch.testing.assert_close(fast.logits(ids), ref.logits(ids), rtol=1e-5, atol=1e-5)  # prefill: tiles
+    engine = load(folder, **options)
+    assert len(engine.plan.streamed_layers) == (3 if streamed else 0)
     for prompt in PROMPTS:
-        want = ref.generate(prompt, max_new_tokens=6, ignore_eos=True)
-        assert fast.generate(prompt, max_new_tokens=6, ignore_eos=True).token_ids == want.token_ids
+        want_logits, want = run(engine, False, prompt, monkeypatch)
+        assert kernel_calls == {"rows": 0, "columns": 0}  # the reference: tiles only
+        got_logits, got = run(engine, True, prompt, monkeypatch)
+        assert kernel_calls["rows"] > 0 and kernel_calls["columns"] > 0
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+        assert got == want
+        kernel_calls.update(rows=0, columns=0)
 
 
 @pytest.mark.parametrize("options", [dict(sparse_method="griffin", sparsity=0.5, period=4),
                                      dict(sparse_method="cats", sparsity=0.5, period=4)])
 def test_strict_sirius_on_records_in_place_equals_dense(options, tiny_model_dir, quant_cache, few_programs):
-    folder = tiny_model_dir("llama3")
-    dense = load(folder, True, quant="int4")
-    sparse = load(folder, True, quant="int4", accept="strict", **options)
+    folder = tiny_model_dir("llama3")  # gemv.ENABLED: True throughout (the autouse fixture)
+    dense = load(folder, quant="int4")
+    sparse = load(folder, quant="int4", accept="strict", **options)
     for prompt in PROMPTS:
         got = sparse.generate(prompt, max_new_tokens=8, ignore_eos=True)
         assert got.token_ids == dense.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids

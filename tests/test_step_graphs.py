@@ -104,9 +104,9 @@ def test_graphs_are_recaptured_when_weights_move(tiny_model_dir, tmp_path, monke
     store = engine.runtime.executor.store
     assert store.packed  # resident layers on the packed kernel
     generate(engine, True, PROMPTS[0], n=6)
-    first, epoch = len(counted["captures"]), store.epoch
+    graphs, epoch = engine.runtime.context.graphs, store.epoch
     generate(engine, True, PROMPTS[1], n=6)
-    assert store.epoch > epoch and len(counted["captures"]) > first  # a fresh set of graphs
+    assert store.epoch > epoch and engine.runtime.context.graphs is not graphs  # a fresh set
     reorder = type(store).reorder_neurons
 
     def reorder_uncounted(self, *args):  # a move the epoch misses
@@ -114,7 +114,23 @@ def test_graphs_are_recaptured_when_weights_move(tiny_model_dir, tmp_path, monke
         reorder(self, *args)
         self.epoch = before
     monkeypatch.setattr(type(store), "reorder_neurons", reorder_uncounted)
-    with pytest.raises(RuntimeError, match="moved since"):
+    with pytest.raises(RuntimeError, match="changed since"):
+        generate(engine, True, PROMPTS[0], n=6)
+
+
+def test_new_cats_thresholds_are_not_replayed_stale(tiny_model_dir, counted):
+    """Thresholds are baked into a captured step: new ones move the epoch (a fresh set of
+    graphs), and had they not, the eager check would see them."""
+    engine = ferry.load(tiny_model_dir("llama3"), **CPU, sparsity=0.5, sparse_method="cats", mode="sparse")
+    store = engine.runtime.executor.store
+    generate(engine, True, PROMPTS[0], n=6)
+    graphs = engine.runtime.context.graphs
+    store.set_thresholds([t * 0.5 for t in store.thresholds])
+    generate(engine, True, PROMPTS[0], n=6)
+    assert engine.runtime.context.graphs is not graphs
+    store.set_thresholds([t * 2 for t in store.thresholds])
+    store.epoch -= 1  # a change the epoch misses
+    with pytest.raises(RuntimeError, match="changed since"):
         generate(engine, True, PROMPTS[0], n=6)
 
 

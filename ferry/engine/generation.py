@@ -218,9 +218,10 @@ def make_passes(rt: Runtime, full: ModelWeights, sparse: ModelWeights, ctx=None,
     step_graphs, full_resident = None, None
     if graphs and rt.config.runtime.cuda_graphs and graphs_available(rt.device) \
             and full.embed.device == ctx.cache.k.device:  # embeddings in host memory: a copy per token
-        step_graphs = ctx.graphs = step_graphs_for(rt, ctx)
         if rt.executor.moves_nothing(Kind.FULL):
             full_resident = replace(full, layers=full.layers.as_resident())
+        if resident or full_resident is not None:  # some one-token step will replay
+            step_graphs = ctx.graphs = step_graphs_for(rt, ctx)
     return Passes(rt.model, ctx.rope, ctx.cache, full, sparse, rt.executor.expect, sparse_resident=resident,
                   graphs=step_graphs, full_resident=full_resident)
 

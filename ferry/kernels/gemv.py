@@ -33,6 +33,12 @@ def available(device: torch.device | str) -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def planned(device: torch.device | str) -> bool:
+    """Whether a plan for this device counts on the kernels: on CUDA yes (CUDA builds of torch
+    bring Triton), unless ENABLED says otherwise; the machine planning need not have Triton."""
+    return ENABLED is True or (ENABLED is None and torch.device(device).type == "cuda")
+
+
 def usable(x: torch.Tensor) -> bool:
     """Whether a product over activations x [M, C] goes through the kernels."""
     return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and available(x.device)

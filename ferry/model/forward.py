@@ -70,7 +70,7 @@ def attention(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list[_Ro
     """Grouped-query attention for x [N, H] (every segment's rows); writes each segment's keys
     and values into its cache at its positions, and each segment attends to its own cache."""
     qkv = linear(x, w.qkv, w.qkv_bias)  # [N, q + 2 kv]: one weight read for every row
-    if len(rows) == 1:
+    if len(rows) == 1:  # one sequence: its output is the layer's, no staging buffer
         r = rows[0]
         return linear(_attend(cfg, qkv, r.cache.k[index], r.cache.v[index], r.start, r.cos, r.sin), w.o)
     out = torch.empty(x.shape[0], cfg.q_size, dtype=x.dtype, device=x.device)

@@ -167,14 +167,14 @@ def packed_kernel(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes
 def layer_kernel(cfg: ModelConfig, quant: QuantConfig, device: str, dtype_bytes: int, resident: bool) -> str:
     """How a decode-sized pass runs a quantized layer: "records" where the in-place kernels run
     (CUDA with Triton), "packed" for resident layers the CPU's kernel takes, else "tiles"."""
-    if gemv.available(device):
+    if gemv.planned(device):
         return "records"
     return "packed" if resident and packed_kernel(cfg, quant, device, dtype_bytes) else "tiles"
 
 
 KERNEL_NOTES = {"records": "decode-sized passes read it in place (Triton)",
                 "packed": "resident layers on the CPU's int4 kernel, the others dequantized by tiles",
-                "tiles": "dequantized a tile at a time (on CUDA, Triton's in-place kernels need it installed)"}
+                "tiles": "dequantized a tile at a time"}
 
 
 def kernel_note(cfg: ModelConfig, plan) -> str:
@@ -200,7 +200,7 @@ def pass_reads(cfg: ModelConfig, dtype_bytes: int, quant: QuantConfig, sparsity:
                       for r in (True, False))
     n_rest = cfg.num_layers - n_resident
     # an int8 lm_head dequantized by tiles: each value written and read again
-    tiles = tiled_head(cfg, quant, device, dtype_bytes) and not gemv.available(device)
+    tiles = tiled_head(cfg, quant, device, dtype_bytes) and not gemv.planned(device)
     head = 2 * cfg.vocab_size * cfg.hidden_size * dtype_bytes if tiles else 0
     return {"full_pass": n_resident * resident.full + n_rest * rest.full + head,
             "sparse_step": n_resident * resident.sparse + n_rest * rest.sparse + head}

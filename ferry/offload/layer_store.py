@@ -15,10 +15,10 @@ share). A layer is in one of three places:
   moves the whole layer too.
 
 Quantized weights (`quant`): host buffers, slots and resident prefixes hold the bytes of
-`QuantLayout` (the ranges above are then byte ranges); a pass over such a layer dequantizes one
-tile at a time into a small workspace (`ferry.model.dequant`). Resident layers are packed once for the int4 kernel where it takes them
-(`ferry.model.packed`: products on the codes, nothing dequantized), else kept as `QuantLayout`
-bytes and dequantized like the others. Either way they stay quantized, which is what lets a large
+`QuantLayout` (the ranges above are then byte ranges); a pass over such a layer reads them in
+place where `ferry.kernels.gemv` runs (CUDA), else dequantizes one tile at a time into a small
+workspace (`ferry.model.dequant`). Resident layers are packed once for the CPU's int4 kernel
+where it takes them (`ferry.model.packed`), else kept as `QuantLayout` bytes like the others. Either way they stay quantized, which is what lets a large
 selected set fit on the device.
 """
 
@@ -119,7 +119,7 @@ class LayerStore:
     def ready(self, layer: int, kind: Kind, slot: int | None) -> LayerWeights:
         """The layer's weights for a pass of this kind, its bytes in `slot` (None: nothing
         streamed). A quantized layer off the packed kernel gets its norms and biases copied into
-        the vector buffers; its matrices are dequantized a tile at a time as the math reads them."""
+        the vector buffers; its matrices are read as the math needs them (`quant_views`)."""
         key = (layer, kind, slot)
         if self.quant is not None and layer not in self.packed:
             if key not in self._jobs:
@@ -179,7 +179,7 @@ class LayerStore:
             if staging is None or staging.device != bundle.device:
                 staging = torch.empty_like(bundle)
             gather_rows(bundle, order.to(bundle.device), staging)
-            bundle.copy_(staging)
+            bundle.copy_(staging)  # in place: captured step graphs (step_graphs.py) stay valid
         n = self.layout.intermediate_size
         if rows != self.rows or self.thresholds is not None or rows == n:
             self.epoch += 1  # SPARSE passes read other rows (all selected: no prefix at all)

@@ -93,7 +93,8 @@ class LinkStats:
 
     @property
     def gbps(self) -> float:
-        return (self.bytes if self.done_bytes is None else self.done_bytes) / self.busy_s / 1e9 if self.busy_s > 0 else 0.0
+        done = self.bytes if self.done_bytes is None else self.done_bytes
+        return done / self.busy_s / 1e9 if self.busy_s > 0 else 0.0
 
     @property
     def overlap(self) -> float:
@@ -282,7 +283,6 @@ class CudaClock:
 
 def make_clock(device: torch.device) -> HostClock | CudaClock:
     return CudaClock(device) if device.type == "cuda" else HostClock()
-
 
 
 def capture_graph(fn: Callable[[], Any], pool: Any = None) -> tuple[Callable[[], None], Any]:

@@ -11,8 +11,8 @@ stream (correction chunks, prefills) keep their copy stream and events and run a
 
 `ENABLED`: None captures on CUDA; True also runs the static step on other devices, eagerly (no
 capture: what the tests compare with `forward`'s step). Eagerly, each step also checks that the
-weights it reads are still at the addresses they had when its graph would have been captured,
-so a move the epoch missed fails there instead of reading stale weights on a GPU.
+weights it reads are what its graph would have baked in (addresses, shapes, thresholds), so a
+change the epoch missed fails there instead of reading stale weights on a GPU.
 """
 
 from __future__ import annotations
@@ -38,23 +38,26 @@ def available(device: torch.device) -> bool:
     return ENABLED is True or (ENABLED is None and device.type == "cuda")
 
 
-def addresses(obj) -> Iterator[int]:
-    """Data addresses of every tensor in weights (tensors, tuples, dataclasses of them)."""
+def fingerprint(obj) -> Iterator:
+    """What a captured graph bakes in from weights (tensors, tuples, dataclasses of them): each
+    tensor's address, shape and strides, and every plain value (a CATS threshold, a row count)."""
     if isinstance(obj, torch.Tensor):
-        yield obj.data_ptr()
+        yield obj.data_ptr(), tuple(obj.shape), obj.stride()
     elif isinstance(obj, (tuple, list)):
         for item in obj:
-            yield from addresses(item)
+            yield from fingerprint(item)
     elif is_dataclass(obj) and not isinstance(obj, type):
         for f in fields(obj):
-            yield from addresses(getattr(obj, f.name))
+            yield from fingerprint(getattr(obj, f.name))
+    elif isinstance(obj, (int, float, str)) or obj is None:
+        yield obj
 
 
-def weight_addresses(cfg: ModelConfig, weights: ModelWeights) -> tuple[int, ...]:
-    """What a captured step holds: the addresses of everything it reads through `weights`."""
-    found = list(addresses((weights.embed, weights.norm, weights.lm_head)))
+def weight_fingerprint(cfg: ModelConfig, weights: ModelWeights) -> tuple:
+    """The fingerprint of everything a step reads through `weights`."""
+    found = list(fingerprint((weights.embed, weights.norm, weights.lm_head)))
     for index in range(cfg.num_layers):
-        found += addresses(weights.layers.acquire(index))
+        found += fingerprint(weights.layers.acquire(index))
         weights.layers.release(index)
     return tuple(found)
 
@@ -66,7 +69,8 @@ def run_eagerly(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], tor
 
 
 class StepGraphs:
-    """Captured decode steps of one generation (its weights and KV cache stay where they are)."""
+    """Captured decode steps over one KV cache and rope tables, valid while the store's `epoch`
+    (weight buffers and what is read from them) stays as it was at construction."""
 
     def __init__(self, cfg: ModelConfig, rope: Rope, cache: KVCache, epoch: int = 0):
         self.cfg, self.rope, self.cache, self.epoch = cfg, rope, cache, epoch
@@ -76,7 +80,7 @@ class StepGraphs:
         self.device = device
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.graphs: dict[tuple[str, int], tuple[Callable[[], None], torch.Tensor]] = {}
-        self.held: dict[tuple[str, int], tuple[int, ...]] = {}  # eagerly: the addresses at "capture"
+        self.held: dict[tuple[str, int], tuple] = {}  # eagerly: the weights' fingerprint at "capture"
 
     def _capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
         """A CUDA graph of fn on CUDA (eager replays if capture fails, with a warning); eager elsewhere."""
@@ -99,10 +103,10 @@ class StepGraphs:
             self.graphs[key] = self._capture(
                 lambda: decode_static(self.cfg, weights, self.rope, self.cache, self.token, self.pos, span))
             if self.device.type != "cuda":
-                self.held[key] = weight_addresses(self.cfg, weights)
-        elif self.device.type != "cuda" and weight_addresses(self.cfg, weights) != self.held[key]:
-            raise RuntimeError(f"the {kind} weights moved since this step's graph was captured "
-                               "(a buffer move LayerStore.epoch did not count)")
+                self.held[key] = weight_fingerprint(self.cfg, weights)
+        elif self.device.type != "cuda" and weight_fingerprint(self.cfg, weights) != self.held[key]:
+            raise RuntimeError(f"the {kind} weights changed since this step's graph was captured "
+                               "(a change LayerStore.epoch did not count)")
         replay, logits = self.graphs[key]
         replay()
         self.cache.length = start + 1
