@@ -26,12 +26,16 @@ def griffin_sumsq(z: torch.Tensor) -> torch.Tensor:
 
 
 def griffin_order(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """A permutation of the neurons [I]: the k best first (by score), then the rest in order.
+    """A permutation of the neurons [I]: the k best first, then the rest, each part in its
+    current order.
 
     Reordering a layer's neurons this way makes the selected set a contiguous prefix of the MLP
-    bundle; the MLP itself is unchanged by any permutation of its neurons.
+    bundle; the MLP itself is unchanged by any permutation of its neurons. Keeping each part in
+    order keeps neighbouring neurons in neighbouring checkpoint places (two ordered runs after a
+    first reorder), so a quantized layer's neighbouring records share down_proj groups: the GPU
+    kernel's reads of the group table stay in cache (`ferry.kernels.gemv_triton`).
     """
-    top = torch.topk(scores, k, sorted=True).indices
+    top = torch.topk(scores, k, sorted=False).indices.sort().values
     rest = torch.ones_like(scores, dtype=torch.bool)
     rest[top] = False
     return torch.cat([top, rest.nonzero().flatten()])
