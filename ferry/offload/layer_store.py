@@ -18,8 +18,9 @@ Quantized weights (`quant`): host buffers, slots and resident prefixes hold the 
 `QuantLayout` (the ranges above are then byte ranges); a pass over such a layer reads them in
 place where `ferry.kernels.gemv` runs (CUDA), else dequantizes one tile at a time into a small
 workspace (`ferry.model.dequant`). Resident layers are packed once for the CPU's int4 kernel
-where it takes them (`ferry.model.packed`), else kept as `QuantLayout` bytes like the others. Either way they stay quantized, which is what lets a large
-selected set fit on the device.
+where it takes them (`ferry.model.packed`), else kept as `QuantLayout` bytes like the others,
+with their norms and biases converted once. Either way they stay quantized, which is what lets a
+large selected set fit on the device.
 """
 
 from __future__ import annotations
@@ -85,7 +86,10 @@ class LayerStore:
                 self.packed[layer] = pack_layer(quant, resident.pop(layer), dtype)
         dequantized = quant is not None and (host or resident)
         self.work = torch.empty(tile_numel(layout), dtype=dtype, device=device) if dequantized else None  # the tile
-        self.vectors = vector_buffers(layout, dtype, device) if dequantized else {}
+        self.vectors = vector_buffers(layout, dtype, device) if dequantized else {}  # streamed layers'
+        # resident records' norms and biases, converted once (not copied again at every pass)
+        self.own_vectors = {layer: self._converted_vectors(buf, dtype)
+                            for layer, buf in resident.items()} if quant is not None else {}
         self.order = tuple(sorted(host))  # streamed layers in visiting order
         self.prefix_layers = tuple(prefix_layers)  # streamed layers whose selected prefix may stay
         self.prefix_buffers: dict[int, torch.Tensor] = {}  # the ones whose prefix is loaded now
@@ -121,7 +125,7 @@ class LayerStore:
         streamed). A quantized layer off the packed kernel gets its norms and biases copied into
         the vector buffers; its matrices are read as the math needs them (`quant_views`)."""
         key = (layer, kind, slot)
-        if self.quant is not None and layer not in self.packed:
+        if self.quant is not None and layer not in self.packed and layer not in self.own_vectors:
             if key not in self._jobs:
                 self._jobs[key] = vector_jobs(self.quant, self._quant_source(layer, slot), self.vectors)
             for job in self._jobs[key]:
@@ -157,10 +161,17 @@ class LayerStore:
 
     def _quant_views(self, layer: int, rows: int, slot: int | None) -> LayerWeights:
         src, k = self._quant_source(layer, slot), self.rows
+        vectors = self.own_vectors.get(layer, self.vectors)
         if layer in self.prefix_buffers and rows > k:  # the complement rows arrived in the slot
-            return quant_views(self.quant, src, self.vectors, k, self.work, self.dequant_backend,
+            return quant_views(self.quant, src, vectors, k, self.work, self.dequant_backend,
                                complement=self.slots.buffers[slot])
-        return quant_views(self.quant, src, self.vectors, rows, self.work, self.dequant_backend)
+        return quant_views(self.quant, src, vectors, rows, self.work, self.dequant_backend)
+
+    def _converted_vectors(self, flat: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        vectors = vector_buffers(self.layout, dtype, self.device)
+        for job in vector_jobs(self.quant, flat, vectors):
+            job()
+        return vectors
 
     # --- selection (the caller drains in-flight copies first) ----------------------------------
     def reorder_neurons(self, orders: Sequence[torch.Tensor], rows: int) -> None:
