@@ -23,13 +23,19 @@ def bundled_mlp(
     neurons whose |SiLU(gate)| falls below it contribute nothing for that token. `observe(a, z)`
     sees the activations a = SiLU(gate) and z = a * up (selection and calibration use them).
     """
-    a = F.silu(F.linear(x, bundle[:, 0]))  # [S, n]
-    if threshold is not None:
-        a = a * (a.abs() >= threshold)
-    z = a * F.linear(x, bundle[:, 1])
+    a, z = gated(F.linear(x, bundle[:, 0]), F.linear(x, bundle[:, 1]), threshold)  # [S, n]
     if observe is not None:
         observe(a, z)
     return torch.matmul(z, bundle[:, 2])  # [S, H]
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, threshold: float | None = None) -> tuple:
+    """The MLP's activations from its gate and up products: a = SiLU(gate), zeroed where |a| is
+    under a CATS threshold, and z = a * up (what down_proj multiplies)."""
+    a = F.silu(gate)
+    if threshold is not None:
+        a = a * (a.abs() >= threshold)
+    return a, a * up
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

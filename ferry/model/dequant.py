@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ferry.kernels import gemv
 from ferry.kernels.quant import dequantize, unpack_int4
-from ferry.kernels.reference import bundled_mlp
+from ferry.kernels.reference import bundled_mlp, gated
 from ferry.model.quant import QuantLayout
 from ferry.model.weights import LayerLayout, LayerWeights
 
@@ -66,18 +66,24 @@ class QuantRows:
     backend: str
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        if gemv.usable(x):
-            return gemv.rows_linear(x, self.codes, self.scales, self.mins, self.bits)
-        r, c = self.codes.shape[0], x.shape[1]
-        out = x.new_empty(x.shape[0], r)
-        step = max(1, self.work.numel() // c)
-        for lo in range(0, r, step):
-            hi = min(r, lo + step)
-            w = self.work[:(hi - lo) * c].view(hi - lo, c)
-            mins = None if self.mins is None else self.mins[lo:hi]
-            dequantize(self.codes[lo:hi], self.scales[lo:hi], mins, self.bits, w, self.backend)
-            out[:, lo:hi] = F.linear(x, w)
-        return out
+        return rows_linear(x, self.codes, self.scales, self.mins, self.bits, self.work, self.backend)
+
+
+def rows_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                bits: int, work: torch.Tensor, backend: str) -> torch.Tensor:
+    """x @ wᵀ for quantized rows (codes, scales, mins): in place where `gemv` runs, else as many
+    rows at a time as `work` (flat, compute dtype) holds, dequantized and multiplied."""
+    if gemv.usable(x):
+        return gemv.rows_linear(x, codes, scales, mins, bits)
+    r, c = codes.shape[0], x.shape[1]
+    out = x.new_empty(x.shape[0], r)
+    step = max(1, work.numel() // c)
+    for lo in range(0, r, step):
+        hi = min(r, lo + step)
+        w = work[:(hi - lo) * c].view(hi - lo, c)
+        dequantize(codes[lo:hi], scales[lo:hi], None if mins is None else mins[lo:hi], bits, w, backend)
+        out[:, lo:hi] = F.linear(x, w)
+    return out
 
 
 @dataclass(frozen=True)
@@ -102,10 +108,7 @@ class QuantNeurons:
         bits, group = self.layout.bits, self.layout.group
         gate, up = (gemv.rows_linear(x, codes[:, j], scales[:, j], None if mins is None else mins[:, j], bits)
                     for j in range(2))
-        a = F.silu(gate)
-        if threshold is not None:
-            a = a * (a.abs() >= threshold)
-        z = a * up
+        a, z = gated(gate, up, threshold)
         if observe is not None:
             observe(a, z)
         return gemv.columns_linear(z, codes[:, 2], index, self.table, bits, group)
@@ -132,6 +135,12 @@ def vector_jobs(q: QuantLayout, src: torch.Tensor, vectors: dict[str, torch.Tens
     """The copies that bring a layer's norms and biases (fp32 in its bytes) into `vectors`."""
     return [partial(torch.Tensor.copy_, vectors[sec.name], src[sec.offset:sec.offset + sec.size].view(torch.float32))
             for sec in q.sections if len(sec.shape) == 1]
+
+
+def converted_vectors(q: QuantLayout, flat: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A layer's norms and biases (fp32 in its bytes) as tensors of their own in `dtype`."""
+    return {sec.name: flat[sec.offset:sec.offset + sec.size].view(torch.float32).to(dtype, copy=True)
+            for sec in q.sections if len(sec.shape) == 1}
 
 
 def quant_views(q: QuantLayout, src: torch.Tensor, vectors: dict[str, torch.Tensor], rows: int,

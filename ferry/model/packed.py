@@ -20,11 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
-from ferry.kernels import gemv, int4pack
+from ferry.kernels import int4pack
 from ferry.kernels.int4pack import BLOCK, Int4Matrix, int4_linear, int4_matrix, int8_matrix
-from ferry.kernels.quant import dequantize, pick_backend, unpack_int4
+from ferry.kernels.quant import pick_backend, unpack_int4
+from ferry.kernels.reference import gated
+from ferry.model.dequant import converted_vectors, rows_linear
 from ferry.model.quant import QuantLayout
 from ferry.model.weights import LayerWeights
 
@@ -83,16 +84,8 @@ class GroupedMatrix:
         return tuple(self.q.shape)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        if gemv.usable(x):
-            return gemv.rows_linear(x, self.q.view(torch.uint8), self.scale, None, 8)
-        out = x.new_empty(x.shape[0], self.shape[0])
-        backend = pick_backend(x.device, x.dtype)
-        for lo in range(0, self.shape[0], TILE_ROWS):
-            rows = slice(lo, lo + TILE_ROWS)
-            w = self.tile[:self.q[rows].shape[0]]
-            dequantize(self.q[rows].view(torch.uint8), self.scale[rows], None, 8, w, backend)
-            out[:, rows] = F.linear(x, w)
-        return out
+        return rows_linear(x, self.q.view(torch.uint8), self.scale, None, 8, self.tile.view(-1),
+                           pick_backend(x.device, x.dtype))
 
 
 TILE_ROWS = 4096  # rows of a GroupedMatrix dequantized at a time (the workspace it needs)
@@ -133,10 +126,7 @@ class PackedMLP:
 
 def packed_mlp(x: torch.Tensor, mlp: PackedMLP, threshold: float | None = None, observe=None) -> torch.Tensor:
     """down(SiLU(gate(x)) * up(x)) over the first mlp.rows neurons: `bundled_mlp`'s result."""
-    a = F.silu(mlp.gate.linear(x))
-    if threshold is not None:
-        a = a * (a.abs() >= threshold)
-    z = a * mlp.up.linear(x)
+    a, z = gated(mlp.gate.linear(x), mlp.up.linear(x), threshold)
     if z.shape[1] > mlp.rows:  # neurons past `rows` only pad a block: they contribute nothing
         z[:, mlp.rows:] = 0
     if observe is not None:
@@ -179,13 +169,9 @@ def can_pack(q: QuantLayout, device: torch.device, dtype: torch.dtype = torch.bf
 
 def pack_layer(q: QuantLayout, flat: torch.Tensor, dtype: torch.dtype) -> PackedLayer:
     """A layer's `QuantLayout` bytes (any neuron order) in the packed form."""
-    attention = {"qkv_bias": None}
+    attention = {"qkv_bias": None, **converted_vectors(q, flat, dtype)}
     for sec in q.sections:
-        if sec.name == "down_groups":
-            continue
-        if len(sec.shape) == 1:
-            attention[sec.name] = flat[sec.offset:sec.offset + sec.size].view(torch.float32).to(dtype, copy=True)
-        else:
+        if len(sec.shape) == 2 and sec.name != "down_groups":
             attention[sec.name] = packed_matrix(*q.matrix(flat, sec), q.bits, dtype)
     codes, scales, mins, index = q.mlp_records(flat, 0, q.intermediate_size)
     gate, up = (packed_matrix(codes[:, j], scales[:, j], None if mins is None else mins[:, j], q.bits, dtype)

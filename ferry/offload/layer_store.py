@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 from ferry.kernels.gather import gather_rows
-from ferry.model.dequant import quant_views, tile_numel, vector_buffers, vector_jobs
+from ferry.model.dequant import converted_vectors, quant_views, tile_numel, vector_buffers, vector_jobs
 from ferry.model.packed import PackedLayer, can_pack, pack_layer
 from ferry.model.quant import QuantLayout
 from ferry.model.weights import Kind, LayerLayout, LayerWeights
@@ -88,7 +88,7 @@ class LayerStore:
         self.work = torch.empty(tile_numel(layout), dtype=dtype, device=device) if dequantized else None  # the tile
         self.vectors = vector_buffers(layout, dtype, device) if dequantized else {}  # streamed layers'
         # resident records' norms and biases, converted once (not copied again at every pass)
-        self.own_vectors = {layer: self._converted_vectors(buf, dtype)
+        self.own_vectors = {layer: converted_vectors(quant, buf, dtype)
                             for layer, buf in resident.items()} if quant is not None else {}
         self.order = tuple(sorted(host))  # streamed layers in visiting order
         self.prefix_layers = tuple(prefix_layers)  # streamed layers whose selected prefix may stay
@@ -166,12 +166,6 @@ class LayerStore:
             return quant_views(self.quant, src, vectors, k, self.work, self.dequant_backend,
                                complement=self.slots.buffers[slot])
         return quant_views(self.quant, src, vectors, rows, self.work, self.dequant_backend)
-
-    def _converted_vectors(self, flat: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        vectors = vector_buffers(self.layout, dtype, self.device)
-        for job in vector_jobs(self.quant, flat, vectors):
-            job()
-        return vectors
 
     # --- selection (the caller drains in-flight copies first) ----------------------------------
     def reorder_neurons(self, orders: Sequence[torch.Tensor], rows: int) -> None:

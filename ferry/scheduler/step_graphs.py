@@ -77,14 +77,14 @@ class StepGraphs:
         device = cache.k.device
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.device = device
-        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.device, self.eager = device, device.type != "cuda"
+        self.pool = None if self.eager else torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[str, int], tuple[Callable[[], None], torch.Tensor]] = {}
         self.held: dict[tuple[str, int], tuple] = {}  # eagerly: the weights' fingerprint at "capture"
 
     def _capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
         """A CUDA graph of fn on CUDA (eager replays if capture fails, with a warning); eager elsewhere."""
-        if self.device.type != "cuda":
+        if self.eager:
             return run_eagerly(fn)
         try:
             with torch.cuda.device(self.device):
@@ -102,9 +102,9 @@ class StepGraphs:
         if key not in self.graphs:
             self.graphs[key] = self._capture(
                 lambda: decode_static(self.cfg, weights, self.rope, self.cache, self.token, self.pos, span))
-            if self.device.type != "cuda":
+            if self.eager:
                 self.held[key] = weight_fingerprint(self.cfg, weights)
-        elif self.device.type != "cuda" and weight_fingerprint(self.cfg, weights) != self.held[key]:
+        elif self.eager and weight_fingerprint(self.cfg, weights) != self.held[key]:
             raise RuntimeError(f"the {kind} weights changed since this step's graph was captured "
                                "(a change LayerStore.epoch did not count)")
         replay, logits = self.graphs[key]
