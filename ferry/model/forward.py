@@ -15,6 +15,7 @@ from typing import Callable, Generator
 import torch
 import torch.nn.functional as F
 
+from ferry.kernels import decode_cpu
 from ferry.kernels.attention import attend
 from ferry.kernels.reference import apply_rope, bundled_mlp, rms_norm
 from ferry.model.config import ModelConfig
@@ -91,11 +92,14 @@ def _attend(cfg: ModelConfig, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache:
             start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """One segment: rope, cache writes at start..start+S-1, attention over its cache; [S, q]."""
     s = qkv.shape[0]
-    q, k = rotate_qk(cfg, qkv, cos, sin)
-    v = qkv[:, cfg.q_size + cfg.kv_size:]
     end = start + s
-    k_cache[:, start:end] = k  # [kv_heads, S, head_dim]
-    v_cache[:, start:end] = v.view(s, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+    if decode_cpu.usable(qkv, k_cache, cos):  # one token: rope and both writes in one call
+        q = decode_cpu.rope_write(cfg, qkv, cos, sin, k_cache, v_cache, start)
+    else:
+        q, k = rotate_qk(cfg, qkv, cos, sin)
+        v = qkv[:, cfg.q_size + cfg.kv_size:]
+        k_cache[:, start:end] = k  # [kv_heads, S, head_dim]
+        v_cache[:, start:end] = v.view(s, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
     window = cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < end else None
     lo = max(0, end - window - s + 1) if window else 0  # oldest key any query still sees
     # Heads sharing a KV head are folded into the query length, so GQA needs no copy of K/V.
@@ -110,6 +114,10 @@ def _attend(cfg: ModelConfig, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 def decoder_layer(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list[_Rows], index: int,
                   observe=None) -> torch.Tensor:
+    if decode_cpu.usable(x, w.attn_norm, w.mlp_norm):  # one token: each norm one call, and the
+        h = decode_cpu.rms_norm(x, w.attn_norm, cfg.rms_norm_eps)  # attention's residual add in
+        h = decode_cpu.rms_norm(x, w.mlp_norm, cfg.rms_norm_eps, residual=attention(cfg, w, h, rows, index))
+        return x + mlp(w, h, observe)
     h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
     x = x + attention(cfg, w, h, rows, index)
     return x + mlp(w, rms_norm(x, w.mlp_norm, cfg.rms_norm_eps), observe)

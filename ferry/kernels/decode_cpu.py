@@ -1,0 +1,148 @@
+"""Fused small ops of a one-token bf16 decode step on the CPU (numba): RMSNorm, with the residual
+add before it, and rope on q and k with the KV cache writes.
+
+A decode step of the default model spends about a third of its time outside the weight products,
+in ops on a few hundred values each: every torch op costs 1-2 µs to dispatch however little it
+computes, and RMSNorm is eight of them, rope with the two cache writes about ten. Each kernel
+here is one call (about 2 µs) for the same work.
+
+Numerics are the reference's (`ferry.kernels.reference`), rounding for rounding: bf16 values
+widen to fp32, every product, sum and cast that the torch ops round to bf16 is rounded here to
+bf16 too (nearest even), and fp32 steps stay fp32. The one difference is RMSNorm's mean of
+squares, summed in another order (fp64 here, rounded once to fp32), so a normed value may differ
+from the reference's in its last bf16 bit when it sits on a rounding boundary.
+
+Used by `ferry.model.forward` for one-token passes of one sequence on the CPU in bf16 (see
+`usable`); everything else runs the torch ops.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+# None: one-token bf16 passes on the CPU; False: never (the torch ops everywhere)
+ENABLED: bool | None = None
+
+
+def usable(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether a pass over x [S, ...] takes these kernels: one row, bf16 on the CPU, and the other
+    tensors it combines with (norm weights, caches, rope tables) bf16 too."""
+    return (ENABLED is not False and x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and all(t.dtype == torch.bfloat16 for t in others))
+
+
+@intrinsic
+def _f32_bits(typingctx, value):
+    """fp32 -> its bits as uint32 (a register reinterpretation, no conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, value):
+    """uint32 bits -> the fp32 they encode."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@numba.njit(inline="always")
+def _round(v) -> np.uint16:
+    """fp32 value -> bf16 bits, nearest even (as torch's cast)."""
+    u = _f32_bits(np.float32(v))
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@numba.njit(inline="always")
+def _value(b) -> np.float32:
+    """bf16 bits -> fp32 value."""
+    return _bits_f32(np.uint32(b) << np.uint32(16))
+
+
+@intrinsic
+def _u16_ptr(typingctx, address):
+    """An address (int) as a pointer to uint16: how the kernels take tensors, whose numpy views
+    cost more to make (about 1.3 µs each) than a kernel runs."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    return types.CPointer(types.uint16)(types.intp), codegen
+
+
+@numba.njit(inline="always")
+def _at(address, n):
+    return numba.carray(_u16_ptr(address), n)
+
+
+@numba.njit(cache=True)
+def _add_rms_norm(x_at, y_at, weight_at, n, eps, out_at):
+    """x <- x + y (bf16; skipped when y_at is 0), out <- rms_norm(x) * weight, all [n] bf16."""
+    x, weight, out = _at(x_at, n), _at(weight_at, n), _at(out_at, n)
+    h = np.empty(n, np.float32)
+    total = 0.0
+    if y_at:
+        y = _at(y_at, n)
+        for i in range(n):
+            x[i] = _round(_value(x[i]) + _value(y[i]))
+    for i in range(n):
+        v = _value(x[i])
+        h[i] = v
+        total += np.float64(np.float32(v * v))
+    r = np.float32(1.0) / np.sqrt(np.float32(np.float32(total / n) + np.float32(eps)))
+    for i in range(n):
+        out[i] = _round(_value(weight[i]) * _value(_round(h[i] * r)))
+
+
+@numba.njit(cache=True)
+def _rope_write(qkv_at, cos_at, sin_at, heads, kv_heads, head_dim, pos, capacity, k_at, v_at, q_at):
+    """Rope on the query and key heads of one token's qkv [q + 2 kv] at one position (cos/sin
+    [head_dim]); rotated queries into q [heads, head_dim], keys and values into the caches
+    [kv_heads, capacity, head_dim] at pos."""
+    qkv = _at(qkv_at, (heads + 2 * kv_heads) * head_dim)
+    cos, sin, q = _at(cos_at, head_dim), _at(sin_at, head_dim), _at(q_at, heads * head_dim)
+    k, v = _at(k_at, kv_heads * capacity * head_dim), _at(v_at, kv_heads * capacity * head_dim)
+    half = head_dim // 2
+    for head in range(heads + kv_heads):
+        src = head * head_dim
+        dst = src if head < heads else ((head - heads) * capacity + pos) * head_dim
+        out = q if head < heads else k
+        for i in range(half):
+            x1, x2 = _value(qkv[src + i]), _value(qkv[src + half + i])
+            out[dst + i] = _round(_value(_round(x1 * _value(cos[i]))) - _value(_round(x2 * _value(sin[i]))))
+            out[dst + half + i] = _round(_value(_round(x2 * _value(cos[half + i])))
+                                         + _value(_round(x1 * _value(sin[half + i]))))
+    src = (heads + kv_heads) * head_dim
+    for head in range(kv_heads):
+        dst = (head * capacity + pos) * head_dim
+        for i in range(head_dim):
+            v[dst + i] = qkv[src + head * head_dim + i]
+
+
+def _address(t: torch.Tensor) -> int:
+    if not t.is_contiguous():
+        raise ValueError("the fused decode kernels take contiguous tensors")
+    return t.data_ptr()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`reference.rms_norm(x + residual)` for one bf16 row x [1, H]; with a residual, x is
+    updated in place to x + residual (the caller's residual stream) and must be its own tensor."""
+    out = torch.empty_like(x)
+    _add_rms_norm(_address(x), 0 if residual is None else _address(residual), _address(weight), x.shape[-1],
+                  eps, out.data_ptr())
+    return out
+
+
+def rope_write(cfg, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, pos: int) -> torch.Tensor:
+    """One token's qkv [1, q + 2 kv]: keys (rotated) and values written into the caches
+    [kv_heads, L, head_dim] at pos; the rotated queries [heads, head_dim]."""
+    q = torch.empty(cfg.num_heads, cfg.head_dim, dtype=qkv.dtype)
+    _rope_write(_address(qkv), _address(cos), _address(sin), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                pos, k_cache.shape[1], _address(k_cache), _address(v_cache), q.data_ptr())
+    return q
