@@ -12,6 +12,12 @@ against `ferry.kernels.attention.attend_manual`, interleaved, per call.
 
     python bench/decode_speed.py [--runs 7] [--new-tokens 64] [--dtype bf16] [--sparsity 0.5]
     python bench/decode_speed.py --attention [--runs 7] [--dtype bf16]
+    python bench/decode_speed.py --small-ops [--runs 15] [--sparsity 0.5]
+
+`--small-ops` times one-token steps (dense and sparse, bf16 and int4 weights, every layer
+resident) with the fused CPU kernels of `ferry.kernels.decode_cpu` against the same steps on
+torch's ops, interleaved: what fusing RMSNorm, rope with the cache writes and the MLP's
+activations saves per step, and how it moves the sparse/dense step ratio.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 import ferry
+from ferry.kernels import decode_cpu
 from ferry.kernels.attention import attend_manual
+from ferry.model.forward import forward
 from ferry.offload.accounting import d_sparse
 from ferry.offload.sources import default_model_gguf
 
@@ -112,6 +120,52 @@ def attention_main(args) -> None:
                       "load_average": round(os.getloadavg()[0], 2), "rows": rows}))
 
 
+def time_steps(engine, fused: bool, reps: int = 10) -> dict[str, float]:
+    """Milliseconds per one-token step, dense and sparse weights, at the cache's end (rewritten)."""
+    decode_cpu.ENABLED = None if fused else False
+    rt = engine.runtime
+    ctx, token = rt.context, torch.tensor([42])
+    start, times = ctx.cache.length, {}
+    for kind, weights in (("dense", rt.weights), ("sparse", rt.sparse_weights)):
+        step = lambda: forward(rt.model, weights, ctx.rope, ctx.cache, token, start, all_logits=False)  # noqa: E731
+        step()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        times[kind] = (time.perf_counter() - t0) / reps * 1e3
+    decode_cpu.ENABLED = None
+    return times
+
+
+def small_ops_main(args) -> None:
+    engines = {q: ferry.load(device="cpu", progress=False, reuse_prefix=False, quant=q, sparsity=args.sparsity,
+                             mode="sparse") for q in ("none", "auto")}
+    for engine in engines.values():
+        engine.generate(PROMPT, max_new_tokens=8, ignore_eos=True)  # a prompt in the cache, neurons chosen
+    runs = {(q, fused): [] for q in engines for fused in (True, False)}
+    for run in range(args.runs):
+        for q, fused in runs if run % 2 else reversed(list(runs)):
+            runs[q, fused].append(time_steps(engines[q], fused))
+    print(f"one-token steps, every layer resident, CPU ({platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads), median ms of {args.runs} interleaved runs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'weights':8}{'ops':>7}{'dense ms':>10}{'sparse ms':>11}{'sparse/dense':>14}{'per byte':>10}")
+    rows = []
+    for (q, fused), times in runs.items():
+        dense, sparse = (statistics.median(t[k] for t in times) for k in ("dense", "sparse"))
+        step = engines[q].plan.step_bytes
+        reads = step.sparse_read / step.full_read
+        row = {"weights": "bf16" if q == "none" else "int4", "ops": "fused" if fused else "torch",
+               "dense_ms": round(dense, 3), "sparse_ms": round(sparse, 3), "step_ratio": round(dense / sparse, 3),
+               "per_byte": round(dense / sparse * reads, 3)}
+        rows.append(row)
+        print(f"{row['weights']:8}{row['ops']:>7}{dense:10.3f}{sparse:11.3f}{dense / sparse:13.2f}x"
+              f"{row['per_byte']:10.3f}")
+    print(json.dumps({"bench": "decode_small_ops", "device": "cpu", "threads": torch.get_num_threads(),
+                      "runs": args.runs, "sparsity": args.sparsity, "load_average": round(os.getloadavg()[0], 2),
+                      "rows": rows}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
@@ -119,9 +173,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--attention", action="store_true", help="time decode attention alone")
+    parser.add_argument("--small-ops", action="store_true", help="time steps with and without the fused CPU kernels")
     args = parser.parse_args()
     if args.attention:
         return attention_main(args)
+    if args.small_ops:
+        return small_ops_main(args)
     engine, hf, ids = load_pair(args.dtype)
     sparse = ferry.load(dtype=args.dtype, device="cpu", progress=False, reuse_prefix=False, quant="none",
                         sparsity=args.sparsity, mode="sparse")

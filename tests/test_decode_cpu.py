@@ -8,7 +8,7 @@ import torch
 
 import ferry
 from ferry.kernels import decode_cpu
-from ferry.kernels.reference import apply_rope, rms_norm
+from ferry.kernels.reference import apply_rope, gated, rms_norm
 from ferry.model.config import ModelConfig, RopeConfig
 from ferry.model.forward import decode_one, prefill, rotate_qk
 from ferry.model.kv_cache import KVCache
@@ -101,7 +101,7 @@ def test_where_the_kernels_apply(monkeypatch):
 
 def counting(monkeypatch) -> dict:
     """Calls of each kernel from here on."""
-    calls = {"_add_rms_norm": 0, "_rope_write": 0}
+    calls = {"_add_rms_norm": 0, "_rope_write": 0, "_gated_scatter": 0}
     for name in calls:
         kernel = getattr(decode_cpu, name)
 
@@ -122,25 +122,50 @@ def decode_logits(engine, enabled: bool, monkeypatch) -> torch.Tensor:
     return torch.cat([decode_one(cfg, rt.weights, rope, cache, torch.tensor([7 + i])) for i in range(20)])
 
 
-@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])  # a window of 8; qkv biases
-def test_decode_steps_with_the_kernels_are_the_reference(family, tiny_model_dir, monkeypatch):
-    engine = ferry.load(tiny_model_dir(family), dtype="bf16", device="cpu", ctx=64, progress=False)
+@pytest.mark.parametrize("family,quant", [("llama3", "none"), ("mistral", "none"), ("qwen2", "none"),
+                                          ("llama3-blocks", "int4")])  # a window of 8; qkv biases; packed
+def test_decode_steps_with_the_kernels_are_the_reference(family, quant, tiny_model_dir, monkeypatch):
+    engine = ferry.load(tiny_model_dir(family), dtype="bf16", device="cpu", ctx=64, progress=False, quant=quant)
+    packed = bool(engine.runtime.executor.store.packed)
+    assert packed == (quant == "int4")
     calls = counting(monkeypatch)
     want = decode_logits(engine, False, monkeypatch)
-    assert calls == {"_add_rms_norm": 0, "_rope_write": 0}  # the reference ran torch's ops
+    assert set(calls.values()) == {0}  # the reference ran torch's ops
     got = decode_logits(engine, True, monkeypatch)
-    layers = engine.model.num_layers
-    assert calls == {"_add_rms_norm": 2 * 20 * layers, "_rope_write": 20 * layers}  # every step, every layer
-    # bf16 through several layers: a norm a bf16 step apart (the mean's order) may move a logit a little
+    steps = 20 * engine.model.num_layers  # every step, every layer:
+    assert calls == {"_add_rms_norm": 2 * steps, "_rope_write": steps, "_gated_scatter": steps if packed else 0}
+    # bf16 through several layers: a value a bf16 step apart (the mean's order, SiLU's exp) moves
+    # a logit a little
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-@pytest.mark.parametrize("options", [{}, dict(sparsity=0.5, mode="sparse"), dict(quant="int4")])
+@pytest.mark.parametrize("options", [{}, dict(sparsity=0.5, mode="sparse"), dict(quant="int4", sparsity=0.5, mode="sparse", sparse_method="cats")])
 def test_generations_with_the_kernels_equal_the_reference(options, tiny_model_dir, monkeypatch):
-    engine = ferry.load(tiny_model_dir("llama3"), dtype="bf16", device="cpu", ctx=64, progress=False, **options)
+    family = "llama3-blocks" if "quant" in options else "llama3"  # blocks: shapes the packed kernel takes
+    engine = ferry.load(tiny_model_dir(family), dtype="bf16", device="cpu", ctx=64, progress=False, **options)
     runs = {}
     for enabled in (False, True):
         monkeypatch.setattr(decode_cpu, "ENABLED", None if enabled else False)
         runs[enabled] = engine.generate("The capital of France", max_new_tokens=12, ignore_eos=True).token_ids
     assert runs[True] == runs[False]
+
+
+@pytest.mark.parametrize("threshold", [None, 0.0, 0.3, 1.002])  # 1.002: not a bf16 value
+def test_gated_scatter_is_the_reference(threshold):
+    width = 256
+    for seed, rows in enumerate((1, 64, 200, 256)):
+        gate, up = rows_(rows, seed, 2.0), rows_(rows, seed + 10, 1.0)
+        gate[0, 0] = 1.0  # SiLU(1) = 0.7305...: next to the thresholds, whichever way they round
+        index = torch.randperm(width, generator=torch.Generator().manual_seed(seed))[:rows]
+        got = decode_cpu.gated_scatter(gate, up, rows, index, threshold, width)
+        _, z = gated(gate, up, threshold)
+        want = torch.zeros(1, width, dtype=BF16).index_copy_(1, index, z)
+        # SiLU's exp comes from another library than torch's: at most a bf16 step, and rarely
+        assert ulps_apart(got, want).max() <= 1
+        assert (got != want).float().mean() < 0.02
+        assert torch.equal(got == 0, want == 0)  # the same neurons dropped by the threshold
+
+
+def rows_(n: int, seed: int, scale: float) -> torch.Tensor:
+    return rows(1, n, seed=seed, scale=scale)

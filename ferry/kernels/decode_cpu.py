@@ -65,17 +65,23 @@ def _value(b) -> np.float32:
     return _bits_f32(np.uint32(b) << np.uint32(16))
 
 
-@intrinsic
-def _u16_ptr(typingctx, address):
-    """An address (int) as a pointer to uint16: how the kernels take tensors, whose numpy views
-    cost more to make (about 1.3 µs each) than a kernel runs."""
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-    return types.CPointer(types.uint16)(types.intp), codegen
+def _pointer(item):
+    """An intrinsic taking an address (int) as a pointer to `item`s: how the kernels take tensors,
+    whose numpy views cost more to make (about 1.3 µs each) than a kernel runs."""
+    @intrinsic
+    def cast(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+        return types.CPointer(item)(types.intp), codegen
+    return cast
+
+
+_u16_ptr, _i64_ptr = _pointer(types.uint16), _pointer(types.int64)
 
 
 @numba.njit(inline="always")
 def _at(address, n):
+    """n bf16 values (their bits) at an address."""
     return numba.carray(_u16_ptr(address), n)
 
 
@@ -123,6 +129,24 @@ def _rope_write(qkv_at, cos_at, sin_at, heads, kv_heads, head_dim, pos, capacity
             v[dst + i] = qkv[src + head * head_dim + i]
 
 
+@numba.njit(cache=True)
+def _gated_scatter(gate_at, up_at, rows, index_at, threshold, spread_at, width):
+    """The MLP's activations spread to checkpoint places: spread [width] <- 0, then for j < rows,
+    spread[index[j]] = SiLU(gate[j]) * up[j] (bf16; a SiLU value under a threshold >= 0 counts 0)."""
+    gate, up, spread = _at(gate_at, rows), _at(up_at, rows), _at(spread_at, width)
+    index = numba.carray(_i64_ptr(index_at), rows)
+    if threshold >= 0:
+        threshold = _value(_round(threshold))  # torch compares bf16 with the scalar rounded to bf16
+    for i in range(width):
+        spread[i] = 0
+    for j in range(rows):
+        g = _value(gate[j])
+        a = _value(_round(g / (np.float32(1.0) + np.exp(-g))))
+        if threshold >= 0 and not abs(a) >= threshold:
+            a = a * np.float32(0.0)
+        spread[index[j]] = _round(a * _value(up[j]))
+
+
 def _address(t: torch.Tensor) -> int:
     if not t.is_contiguous():
         raise ValueError("the fused decode kernels take contiguous tensors")
@@ -146,3 +170,16 @@ def rope_write(cfg, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_c
     _rope_write(_address(qkv), _address(cos), _address(sin), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                 pos, k_cache.shape[1], _address(k_cache), _address(v_cache), q.data_ptr())
     return q
+
+
+def gated_scatter(gate: torch.Tensor, up: torch.Tensor, rows: int, index: torch.Tensor,
+                  threshold: float | None, width: int) -> torch.Tensor:
+    """One token's gate and up products [1, >= rows] into z = SiLU(gate) * up (`reference.gated`)
+    for the first `rows` neurons, each at its checkpoint place `index` (int64) in a zero row
+    [1, width]: what the packed MLP's down product over checkpoint order multiplies."""
+    spread = torch.empty(1, width, dtype=gate.dtype)
+    if index.dtype != torch.int64 or index.shape[0] < rows:
+        raise ValueError("gated_scatter takes an int64 index of at least `rows` places")
+    _gated_scatter(_address(gate), _address(up), rows, _address(index), -1.0 if threshold is None else threshold,
+                   spread.data_ptr(), width)
+    return spread

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ferry.kernels import int4pack
+from ferry.kernels import decode_cpu, int4pack
 from ferry.kernels.int4pack import BLOCK, Int4Matrix, int4_linear, int4_matrix, int8_matrix
 from ferry.kernels.quant import pick_backend, unpack_int4
 from ferry.kernels.reference import gated
@@ -126,7 +126,10 @@ class PackedMLP:
 
 def packed_mlp(x: torch.Tensor, mlp: PackedMLP, threshold: float | None = None, observe=None) -> torch.Tensor:
     """down(SiLU(gate(x)) * up(x)) over the first mlp.rows neurons: `bundled_mlp`'s result."""
-    a, z = gated(mlp.gate.linear(x), mlp.up.linear(x), threshold)
+    gate, up = mlp.gate.linear(x), mlp.up.linear(x)
+    if observe is None and decode_cpu.usable(x):  # one token: activations and spread in one call
+        return mlp.down.linear(decode_cpu.gated_scatter(gate, up, mlp.rows, mlp.index, threshold, mlp.down.shape[1]))
+    a, z = gated(gate, up, threshold)
     if z.shape[1] > mlp.rows:  # neurons past `rows` only pad a block: they contribute nothing
         z[:, mlp.rows:] = 0
     if observe is not None:
