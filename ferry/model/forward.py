@@ -15,7 +15,7 @@ from typing import Callable, Generator
 import torch
 import torch.nn.functional as F
 
-from ferry.kernels import decode_cpu
+from ferry.kernels import decode_cpu, decode_gpu
 from ferry.kernels.attention import attend
 from ferry.kernels.reference import apply_rope, bundled_mlp, rms_norm
 from ferry.model.config import ModelConfig
@@ -93,8 +93,9 @@ def _attend(cfg: ModelConfig, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache:
     """One segment: rope, cache writes at start..start+S-1, attention over its cache; [S, q]."""
     s = qkv.shape[0]
     end = start + s
-    if decode_cpu.usable(qkv, k_cache, cos):  # one token: rope and both writes in one call
-        q = decode_cpu.rope_write(cfg, qkv, cos, sin, k_cache, v_cache, start)
+    ops = fused_ops(qkv, k_cache, cos)
+    if ops is not None:  # rope and both cache writes in one call
+        q = ops.rope_write(cfg, qkv, cos, sin, k_cache, v_cache, start)
     else:
         q, k = rotate_qk(cfg, qkv, cos, sin)
         v = qkv[:, cfg.q_size + cfg.kv_size:]
@@ -112,11 +113,22 @@ def _attend(cfg: ModelConfig, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return out.view(cfg.num_heads, s, cfg.head_dim).transpose(0, 1).reshape(s, cfg.q_size)
 
 
+def fused_ops(x: torch.Tensor, *others: torch.Tensor):
+    """The fused small ops a pass over x takes (with tensors it combines with): the CPU's for one
+    bf16 token (`decode_cpu`), Triton's on CUDA (`decode_gpu`), or None: torch's ops. Both offer
+    rms_norm (with the residual add) and rope_write (rope with the KV cache writes)."""
+    for ops in (decode_cpu, decode_gpu):
+        if ops.usable(x, *others):
+            return ops
+    return None
+
+
 def decoder_layer(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list[_Rows], index: int,
                   observe=None) -> torch.Tensor:
-    if decode_cpu.usable(x, w.attn_norm, w.mlp_norm):  # one token: each norm one call, and the
-        h = decode_cpu.rms_norm(x, w.attn_norm, cfg.rms_norm_eps)  # attention's residual add in
-        h = decode_cpu.rms_norm(x, w.mlp_norm, cfg.rms_norm_eps, residual=attention(cfg, w, h, rows, index))
+    ops = fused_ops(x, w.attn_norm, w.mlp_norm)
+    if ops is not None:  # each norm one call, with the attention's residual add in the second
+        h = ops.rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
+        h = ops.rms_norm(x, w.mlp_norm, cfg.rms_norm_eps, residual=attention(cfg, w, h, rows, index))
         return x + mlp(w, h, observe)
     h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
     x = x + attention(cfg, w, h, rows, index)
