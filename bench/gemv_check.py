@@ -1,6 +1,9 @@
 """The in-place kernels (`ferry.kernels.gemv`) on a layer's matrices: each against the reference
 (dequantize, then the plain product) on the device, and its achieved read bandwidth against a
-measured device-to-device copy. The GPU suite runs this; alone:
+measured device-to-device copy. Then a layer's fused small ops (`ferry.kernels.decode_gpu`:
+RMSNorm with the residual add, rope with the cache writes) for one token against the torch ops
+they replace, at Llama-3-70B's attention shapes: time and largest difference. The GPU suite runs
+this; alone:
 
     python bench/gemv_check.py            # CUDA, Llama-3-8B's MLP shapes
     TRITON_INTERPRET=1 python bench/gemv_check.py --tiny   # CPU: Triton's interpreter (a check)
@@ -20,7 +23,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from ferry.kernels import gemv  # noqa: E402
+from ferry.kernels import decode_gpu, gemv  # noqa: E402
+from ferry.kernels.reference import rms_norm  # noqa: E402
+from ferry.model.forward import rotate_qk  # noqa: E402
 from ferry.kernels.quant import Grouped, pack_int4  # noqa: E402
 
 
@@ -96,7 +101,53 @@ def check(device: str, hidden: int, inter: int, dtype: torch.dtype, reps: int = 
         nbytes = codes.numel() + 2 * table[0].numel() * (2 if bits == 4 else 1) + 4 * inter
         rows.append(_row(f"down int{bits} [{inter}x{hidden}] x1", got, ref, t, nbytes, copy))
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
-            "dtype": str(dtype).removeprefix("torch."), "copy_gbps": copy, "rows": rows}
+            "dtype": str(dtype).removeprefix("torch."), "copy_gbps": copy, "rows": rows,
+            "small_ops": check_small_ops(device, dtype, reps, tiny=hidden < 1024)}
+
+
+class _Attention:
+    """Llama-3-70B's attention shapes (64 query heads over 8 KV heads of 128), or small ones."""
+
+    def __init__(self, tiny: bool):
+        self.num_heads, self.num_kv_heads, self.head_dim = (4, 2, 32) if tiny else (64, 8, 128)
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+
+
+def check_small_ops(device: str, dtype: torch.dtype, reps: int, tiny: bool = False) -> list[dict]:
+    """One token's RMSNorm (with the residual add) and rope with both cache writes: the fused
+    kernel against the torch ops (`reference`), µs each and the largest difference."""
+    cfg, pos = _Attention(tiny), 1000
+    hidden, capacity = cfg.q_size, 4096
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, res = (torch.randn(1, hidden, device=device, generator=gen).to(dtype) for _ in range(2))
+    weight = torch.rand(hidden, device=device, generator=gen).to(dtype) + 0.5
+    qkv = torch.randn(1, cfg.q_size + 2 * cfg.kv_size, device=device, generator=gen).to(dtype)
+    angles = torch.rand(1, cfg.head_dim, device=device, generator=gen) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    k_cache, v_cache = (torch.zeros(cfg.num_kv_heads, capacity, cfg.head_dim, dtype=dtype, device=device)
+                        for _ in range(2))
+
+    def torch_norm():
+        return rms_norm(x + res, weight, 1e-5)
+
+    def torch_rope():
+        q, k = rotate_qk(cfg, qkv, cos, sin)
+        k_cache[:, pos:pos + 1] = k
+        v_cache[:, pos:pos + 1] = qkv[:, cfg.q_size + cfg.kv_size:].view(1, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+        return q
+
+    def fused_norm():
+        return decode_gpu.rms_norm(x.clone(), weight, 1e-5, residual=res)
+
+    def fused_rope():
+        return decode_gpu.rope_write(cfg, qkv, cos, sin, k_cache, v_cache, pos)
+
+    rows = []
+    for name, ours, ref in (("rms_norm + residual", fused_norm, torch_norm), ("rope + cache writes", fused_rope, torch_rope)):
+        diff = (ours().float() - ref().float()).abs().max().item()
+        t_ours, t_ref = _time(device, ours, reps), _time(device, ref, reps)
+        rows.append({"op": name, "max_abs_diff": diff, "fused_us": t_ours * 1e6, "torch_us": t_ref * 1e6})
+    return rows
 
 
 def report(result: dict) -> None:
@@ -105,6 +156,9 @@ def report(result: dict) -> None:
     print(f"{'kernel':34}{'max rel err':>12}{'us':>9}{'GB/s read':>11}{'of copy':>9}")
     for r in result["rows"]:
         print(f"{r['kernel']:34}{r['max_rel_error']:12.1e}{r['us']:9.1f}{r['read_gbps']:11.0f}{r['of_copy_peak']:9.2f}")
+    print(f"{'one token, fused vs torch ops':34}{'max diff':>12}{'fused us':>10}{'torch us':>10}")
+    for r in result.get("small_ops", []):
+        print(f"{r['op']:34}{r['max_abs_diff']:12.1e}{r['fused_us']:10.1f}{r['torch_us']:10.1f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -114,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     device = "cpu" if args.tiny else "cuda"
     if args.tiny:
-        gemv.ENABLED = True
+        gemv.ENABLED = decode_gpu.ENABLED = True
     result = check(device, *((256, 1024) if args.tiny else (4096, 14336)),
                    torch.float32 if args.tiny else torch.bfloat16, reps=2 if args.tiny else args.reps)
     report(result)

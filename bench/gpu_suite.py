@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling gemv_che
 
 import ferry  # noqa: E402
 from gemv_check import check as check_kernels, report as report_kernels, seconds  # noqa: E402
-from ferry.kernels import gemv  # noqa: E402
+from ferry.kernels import decode_gpu, gemv  # noqa: E402
 from ferry.scheduler import step_graphs  # noqa: E402
 from ferry.offload.costmodel import GPUS, Gpu, predict_for_plan  # noqa: E402
 from ferry.offload.planner import parse_size  # noqa: E402
@@ -322,9 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda and gemv.available("cuda"):
         kernels = check_kernels("cuda", SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"], torch.bfloat16)
     elif os.environ.get("TRITON_INTERPRET") == "1":  # the CPU check: Triton's interpreter, small shapes
-        gemv.ENABLED = True
+        gemv.ENABLED = decode_gpu.ENABLED = True
         kernels = check_kernels("cpu", 64, 256, torch.float32, reps=1)
-        gemv.ENABLED = None
+        gemv.ENABLED = decode_gpu.ENABLED = None
     ids = word_tokenizer(SHAPES[shape]["vocab_size"])(prompt)["input_ids"]
     base = time_transformers(folder, device, budget, ids, min(args.new_tokens, 9), args.runs)
     name = "transformers + accelerate" if cuda else "transformers (CPU)"

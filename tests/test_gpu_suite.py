@@ -29,6 +29,9 @@ def test_tiny_suite_report(tmp_path):
     assert steps["resident dense int4"]["bytes_read"] < 0.5 * steps["resident dense bf16"]["bytes_read"]
     kernels = out["kernels"]["rows"]  # the in-place kernels, in Triton's interpreter here
     assert len(kernels) == 6 and all(r["max_rel_error"] < 1e-5 and r["read_gbps"] > 0 for r in kernels)
+    small = out["kernels"]["small_ops"]  # the fused norm and rope against torch's ops, fp32
+    assert [r["op"] for r in small] == ["rms_norm + residual", "rope + cache writes"]
+    assert all(r["max_abs_diff"] < 1e-5 and r["fused_us"] > 0 and r["torch_us"] > 0 for r in small)
     rows = out["rows"]
     assert set(rows) == {"dense streaming", "sparse only", "sirius pipelined", "sirius serial",
                          "sirius as published", "transformers (CPU)", "int4 dense streaming",
