@@ -156,7 +156,9 @@ def test_gated_scatter_is_the_reference(threshold):
     width = 256
     for seed, rows in enumerate((1, 64, 200, 256)):
         gate, up = rows_(rows, seed, 2.0), rows_(rows, seed + 10, 1.0)
-        gate[0, 0] = 1.0  # SiLU(1) = 0.7305...: next to the thresholds, whichever way they round
+        # SiLU(1.28125) rounds to bf16 1.0: at threshold 1.002 (1.0 in bf16, as torch compares)
+        # it stays, and would be dropped by a threshold left unrounded
+        gate[0, 0] = 1.28125
         index = torch.randperm(width, generator=torch.Generator().manual_seed(seed))[:rows]
         got = decode_cpu.gated_scatter(gate, up, rows, index, threshold, width)
         _, z = gated(gate, up, threshold)
@@ -165,6 +167,39 @@ def test_gated_scatter_is_the_reference(threshold):
         assert ulps_apart(got, want).max() <= 1
         assert (got != want).float().mean() < 0.02
         assert torch.equal(got == 0, want == 0)  # the same neurons dropped by the threshold
+        if threshold is not None and threshold <= 1.002:
+            assert got[0, index[0]] != 0  # the neuron at the boundary stays
+
+
+def test_gated_scatter_with_a_nan_threshold_drops_all():
+    """torch's comparison with NaN is false: the reference drops every neuron; so does the kernel."""
+    gate, up, index = rows_(64, 1, 2.0), rows_(64, 2, 1.0), torch.arange(64)
+    got = decode_cpu.gated_scatter(gate, up, 64, index, float("nan"), 64)
+    _, z = gated(gate, up, float("nan"))
+    assert torch.equal(got, z) and not got.any()
+
+
+def test_the_kernels_refuse_what_they_cannot_read():
+    """They take addresses, so every size, dtype and position is checked before a call."""
+    cfg = config(4, 2, 32)
+    qkv, row = rows(1, cfg.q_size + 2 * cfg.kv_size, seed=0), torch.zeros(1, 32, dtype=BF16)
+    caches = [torch.zeros(2, 16, 32, dtype=BF16) for _ in range(2)]
+    with pytest.raises(ValueError, match="outside a cache"):
+        decode_cpu.rope_write(cfg, qkv, row, row, *caches, 16)
+    with pytest.raises(ValueError, match="values"):
+        decode_cpu.rope_write(cfg, qkv[:, :-1], row, row, *caches, 3)  # a short qkv row
+    with pytest.raises(ValueError, match="float32"):
+        decode_cpu.rope_write(cfg, qkv, row.float(), row, *caches, 3)
+    with pytest.raises(ValueError, match="values"):
+        decode_cpu.rms_norm(torch.zeros(1, 64, dtype=BF16), torch.zeros(64, dtype=BF16), 1e-5,
+                            residual=torch.zeros(1, 32, dtype=BF16))
+    gate = rows_(64, 1, 1.0)
+    with pytest.raises(ValueError, match="neurons"):
+        decode_cpu.gated_scatter(gate, gate, 65, torch.arange(64), None, 64)
+    with pytest.raises(ValueError, match="outside the row"):
+        decode_cpu.gated_scatter(gate, gate, 64, torch.arange(64) + 1, None, 64)
+    with pytest.raises(ValueError, match="int64"):
+        decode_cpu.gated_scatter(gate, gate, 64, torch.arange(64).int(), None, 64)
 
 
 def rows_(n: int, seed: int, scale: float) -> torch.Tensor:

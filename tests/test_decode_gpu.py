@@ -96,9 +96,24 @@ def test_where_the_kernels_apply(monkeypatch):
     monkeypatch.setattr(decode_gpu, "ENABLED", False)
     assert not decode_gpu.usable(x)
     assert fw.fused_ops(x) is None
+    monkeypatch.setattr(decode_gpu, "ENABLED", True)
     with pytest.raises(ValueError, match="contiguous"):
-        monkeypatch.setattr(decode_gpu, "ENABLED", True)
         decode_gpu.rms_norm(torch.zeros(8, 2, device=DEVICE).t(), torch.zeros(8, device=DEVICE), 1e-5)
+    with pytest.raises(ValueError, match="a weight of 4"):
+        decode_gpu.rms_norm(torch.zeros(1, 8, device=DEVICE), torch.zeros(4, device=DEVICE), 1e-5)
+
+
+def test_rope_write_refuses_what_it_cannot_write():
+    """The kernel writes where it is told, unchecked: the launcher checks positions and shapes."""
+    cfg = config(4, 2, 32)
+    qkv, rows = torch.zeros(2, cfg.q_size + 2 * cfg.kv_size, device=DEVICE), torch.zeros(2, 32, device=DEVICE)
+    caches = [torch.zeros(2, 16, 32, device=DEVICE) for _ in range(2)]
+    with pytest.raises(ValueError, match="outside a cache"):
+        decode_gpu.rope_write(cfg, qkv, rows, rows, *caches, 15)  # two tokens from 15: past 16
+    with pytest.raises(ValueError, match="do not fit"):
+        decode_gpu.rope_write(cfg, qkv[:, :-32], rows, rows, *caches, 0)
+    with pytest.raises(ValueError, match="do not fit"):
+        decode_gpu.rope_write(cfg, qkv, rows, rows, caches[0], caches[1][:1], 0)
 
 
 def counting(monkeypatch) -> dict:

@@ -8,9 +8,13 @@ here is one call (about 2 µs) for the same work.
 
 Numerics are the reference's (`ferry.kernels.reference`), rounding for rounding: bf16 values
 widen to fp32, every product, sum and cast that the torch ops round to bf16 is rounded here to
-bf16 too (nearest even), and fp32 steps stay fp32. The one difference is RMSNorm's mean of
-squares, summed in another order (fp64 here, rounded once to fp32), so a normed value may differ
-from the reference's in its last bf16 bit when it sits on a rounding boundary.
+bf16 too (nearest even), and fp32 steps stay fp32. Rope is bit for bit the reference's. Two
+things differ, each at most one bf16 step and only for a value on a rounding boundary: RMSNorm's
+mean of squares is summed in another order (fp64 here, rounded once to fp32), and SiLU's exp
+comes from another library than torch's. (A NaN keeps its sign bit here; torch writes +NaN.)
+
+The kernels take tensors by address, so the wrappers check what the kernels assume: dtype,
+device, contiguity, sizes, and positions inside the cache.
 
 Used by `ferry.model.forward` for one-token passes of one sequence on the CPU in bf16 (see
 `usable`); everything else runs the torch ops.
@@ -130,56 +134,72 @@ def _rope_write(qkv_at, cos_at, sin_at, heads, kv_heads, head_dim, pos, capacity
 
 
 @numba.njit(cache=True)
-def _gated_scatter(gate_at, up_at, rows, index_at, threshold, spread_at, width):
+def _gated_scatter(gate_at, up_at, rows, index_at, has_threshold, threshold, spread_at, width):
     """The MLP's activations spread to checkpoint places: spread [width] <- 0, then for j < rows,
-    spread[index[j]] = SiLU(gate[j]) * up[j] (bf16; a SiLU value under a threshold >= 0 counts 0)."""
+    spread[index[j]] = SiLU(gate[j]) * up[j] (bf16; with a threshold, a SiLU value whose size is
+    not at least the threshold counts 0, as the reference's comparison drops it, NaN included)."""
     gate, up, spread = _at(gate_at, rows), _at(up_at, rows), _at(spread_at, width)
     index = numba.carray(_i64_ptr(index_at), rows)
-    if threshold >= 0:
-        threshold = _value(_round(threshold))  # torch compares bf16 with the scalar rounded to bf16
+    threshold = _value(_round(threshold))  # torch compares bf16 with the scalar rounded to bf16
     for i in range(width):
         spread[i] = 0
+    inside = True
     for j in range(rows):
         g = _value(gate[j])
         a = _value(_round(g / (np.float32(1.0) + np.exp(-g))))
-        if threshold >= 0 and not abs(a) >= threshold:
+        if has_threshold and not abs(a) >= threshold:
             a = a * np.float32(0.0)
-        spread[index[j]] = _round(a * _value(up[j]))
+        if 0 <= index[j] < width:
+            spread[index[j]] = _round(a * _value(up[j]))
+        else:
+            inside = False
+    return inside
 
 
-def _address(t: torch.Tensor) -> int:
-    if not t.is_contiguous():
-        raise ValueError("the fused decode kernels take contiguous tensors")
+def _address(t: torch.Tensor, numel: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """A tensor's address for a kernel that reads or writes `numel` of its values."""
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != numel:
+        raise ValueError(f"the fused decode kernels take contiguous CPU {dtype} tensors of {numel} values "
+                         f"(got {t.dtype}, {t.device.type}, shape {tuple(t.shape)})")
     return t.data_ptr()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
     """`reference.rms_norm(x + residual)` for one bf16 row x [1, H]; with a residual, x is
     updated in place to x + residual (the caller's residual stream) and must be its own tensor."""
+    n = weight.numel()
     out = torch.empty_like(x)
-    _add_rms_norm(_address(x), 0 if residual is None else _address(residual), _address(weight), x.shape[-1],
+    _add_rms_norm(_address(x, n), 0 if residual is None else _address(residual, n), _address(weight, n), n,
                   eps, out.data_ptr())
     return out
 
 
 def rope_write(cfg, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, pos: int) -> torch.Tensor:
-    """One token's qkv [1, q + 2 kv]: keys (rotated) and values written into the caches
-    [kv_heads, L, head_dim] at pos; the rotated queries [heads, head_dim]."""
-    q = torch.empty(cfg.num_heads, cfg.head_dim, dtype=qkv.dtype)
-    _rope_write(_address(qkv), _address(cos), _address(sin), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                pos, k_cache.shape[1], _address(k_cache), _address(v_cache), q.data_ptr())
+    """One token's qkv [1, q + 2 kv] at position pos (cos/sin: the tables' row for it, [1,
+    head_dim]): keys (rotated) and values written into the caches [kv_heads, L, head_dim] at
+    pos; the rotated queries [heads, head_dim]."""
+    heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    capacity = k_cache.shape[1]
+    if not 0 <= pos < capacity or k_cache.shape != (kv_heads, capacity, d):
+        raise ValueError(f"position {pos} outside a cache of {capacity}, or a cache not [{kv_heads}, L, {d}]")
+    cache = kv_heads * capacity * d
+    q = torch.empty(heads, d, dtype=qkv.dtype)
+    _rope_write(_address(qkv, (heads + 2 * kv_heads) * d), _address(cos, d), _address(sin, d), heads, kv_heads, d,
+                pos, capacity, _address(k_cache, cache), _address(v_cache, cache), q.data_ptr())
     return q
 
 
 def gated_scatter(gate: torch.Tensor, up: torch.Tensor, rows: int, index: torch.Tensor,
                   threshold: float | None, width: int) -> torch.Tensor:
-    """One token's gate and up products [1, >= rows] into z = SiLU(gate) * up (`reference.gated`)
-    for the first `rows` neurons, each at its checkpoint place `index` (int64) in a zero row
-    [1, width]: what the packed MLP's down product over checkpoint order multiplies."""
+    """One token's gate and up products [1, n >= rows] into z = SiLU(gate) * up (`reference.gated`)
+    for the first `rows` neurons, each at its checkpoint place `index` (int64, places < width)
+    in a zero row [1, width]: what the packed MLP's down product over checkpoint order multiplies."""
+    n = gate.shape[-1]
+    if not rows <= min(n, index.numel(), width):
+        raise ValueError(f"gated_scatter: {rows} neurons from {n} products, {index.numel()} places, a row of {width}")
     spread = torch.empty(1, width, dtype=gate.dtype)
-    if index.dtype != torch.int64 or index.shape[0] < rows:
-        raise ValueError("gated_scatter takes an int64 index of at least `rows` places")
-    _gated_scatter(_address(gate), _address(up), rows, _address(index), -1.0 if threshold is None else threshold,
-                   spread.data_ptr(), width)
+    if not _gated_scatter(_address(gate, n), _address(up, n), rows, _address(index, index.numel(), torch.int64),
+                          threshold is not None, 0.0 if threshold is None else threshold, spread.data_ptr(), width):
+        raise ValueError(f"gated_scatter: a checkpoint place outside the row of {width}")
     return spread

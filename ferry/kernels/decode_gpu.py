@@ -11,9 +11,9 @@ means Triton's interpreter (the tests); False never. The reference is `ferry.ker
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
+
+from ferry.kernels.gemv import triton_installed
 
 ENABLED: bool | None = None
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -22,7 +22,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def available(device: torch.device | str) -> bool:
     if ENABLED is False or (ENABLED is None and torch.device(device).type != "cuda"):
         return False
-    return importlib.util.find_spec("triton") is not None
+    return triton_installed()
 
 
 def usable(x: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -43,10 +43,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
     _contiguous(x, weight, *(() if residual is None else (residual,)))
     s, n = x.shape
+    if weight.numel() != n or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"rms_norm: rows of {n} values, a weight of {weight.numel()}, a residual "
+                         f"{None if residual is None else tuple(residual.shape)}")
     out = torch.empty_like(x)
     block = _block(n)
     rms_norm_kernel[(s,)](x, x if residual is None else residual, weight, out, n, eps,
-                          HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)))
+                          HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)),
+                          enable_fp_fusion=False)
     return out
 
 
@@ -67,6 +71,12 @@ def rope_write(cfg, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_c
     if qkv.stride(1) != 1:
         raise ValueError("the fused decode kernels take rows of contiguous values")
     s, from_ptr = qkv.shape[0], isinstance(pos, torch.Tensor)
+    heads, kv_heads, d, capacity = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, k_cache.shape[1]
+    if qkv.shape[1] != (heads + 2 * kv_heads) * d or k_cache.shape != (kv_heads, capacity, d) \
+            or v_cache.shape != k_cache.shape or cos.shape != sin.shape or cos.shape[-1] != d:
+        raise ValueError("rope_write: qkv, caches or tables do not fit the model's heads")
+    if not from_ptr and not (0 <= pos and pos + s <= capacity and cos.shape[0] >= s):
+        raise ValueError(f"positions {pos}..{pos + s - 1} outside a cache of {capacity} or the tables given")
     q = torch.empty(cfg.num_heads, s, cfg.head_dim, dtype=qkv.dtype, device=qkv.device)
     rope_write_kernel[(s, cfg.num_heads + 2 * cfg.num_kv_heads)](
         qkv, cos, sin, pos if from_ptr else qkv, 0 if from_ptr else pos, k_cache, v_cache, q, s, qkv.stride(0),

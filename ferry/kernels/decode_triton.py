@@ -3,8 +3,10 @@ module imports Triton, so only that one imports this).
 
 Each replaces several torch kernels with one: RMSNorm (eight) with the residual add before it,
 and rope on the query and key heads with the KV cache writes (about eight). Every value is
-rounded to the activations' dtype wherever the torch ops round it (`ferry.kernels.reference`),
-so only the sum of squares (a tree here) and rsqrt's last bit differ from the reference.
+rounded to the activations' dtype wherever the torch ops round it (`ferry.kernels.reference`).
+Rope is the reference's bit for bit (no fused multiply-adds: the launcher turns them off);
+RMSNorm's sum of squares runs as a tree, and its reciprocal root is the GPU's approximate one,
+so a normed value may sit one step of the last bit away from the reference's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n, eps, HAS_RES: tl.constexp
         tl.store(x_ptr + at, x, mask=ok)
     h = x.to(tl.float32)
     mean = tl.sum(h * h, axis=0) / n
-    r = 1.0 / tl.sqrt(mean + eps)
+    r = tl.rsqrt(mean + eps)  # as torch.rsqrt on CUDA (an approximate reciprocal root)
     normed = (h * r).to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + at, (w * normed).to(x.dtype), mask=ok)

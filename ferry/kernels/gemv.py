@@ -12,6 +12,7 @@ which are compute-bound there.
 from __future__ import annotations
 
 import importlib.util
+from functools import lru_cache
 
 import torch
 
@@ -30,6 +31,12 @@ def available(device: torch.device | str) -> bool:
     """Whether the kernels run on this device (Triton importable, and CUDA unless ENABLED)."""
     if ENABLED is False or (ENABLED is None and torch.device(device).type != "cuda"):
         return False
+    return triton_installed()
+
+
+@lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    """Whether Triton imports here (looked up once: the lookup costs more than a small kernel)."""
     return importlib.util.find_spec("triton") is not None
 
 

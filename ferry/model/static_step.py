@@ -35,13 +35,14 @@ def span_mask(cfg: ModelConfig, pos: torch.Tensor, span: int) -> torch.Tensor:
 
 
 def _attention(cfg: ModelConfig, w: LayerWeights, h: torch.Tensor, cache: KVCache, index: int,
-               pos: torch.Tensor, rope: Rope, mask: torch.Tensor) -> torch.Tensor:
+               pos: torch.Tensor, rope: Rope, rows: tuple | None, mask: torch.Tensor) -> torch.Tensor:
+    """rows: the rope tables' (cos, sin) rows at pos, or None where one kernel reads them at pos
+    and writes both caches."""
     qkv = linear(h, w.qkv, w.qkv_bias)  # [1, q + 2 kv]
-    if decode_gpu.usable(qkv, cache.k, rope.cos):  # rope at the position on the device, and the writes
+    if rows is None:
         q = decode_gpu.rope_write(cfg, qkv, rope.cos, rope.sin, cache.k[index], cache.v[index], pos)
     else:
-        cos, sin = rope.cos.index_select(0, pos), rope.sin.index_select(0, pos)  # [1, head_dim]
-        q, k = rotate_qk(cfg, qkv, cos, sin)
+        q, k = rotate_qk(cfg, qkv, *rows)
         v = qkv[:, cfg.q_size + cfg.kv_size:]
         cache.k[index].index_copy_(1, pos, k)  # [kv_heads, 1, head_dim] at the token's position
         cache.v[index].index_copy_(1, pos, v.view(1, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1))
@@ -61,14 +62,16 @@ def decode_static(cfg: ModelConfig, weights: ModelWeights, rope: Rope, cache: KV
     mask = span_mask(cfg, pos, span).expand(cfg.num_heads // cfg.num_kv_heads, span)
     weights.layers.begin()
     x = F.embedding(token, weights.embed)  # [1, H]
+    rows = None if decode_gpu.usable(x, cache.k, rope.cos) else \
+        (rope.cos.index_select(0, pos), rope.sin.index_select(0, pos))  # [1, head_dim] each
     for index in range(cfg.num_layers):
         w = weights.layers.acquire(index)
         if decode_gpu.usable(x, w.attn_norm, w.mlp_norm):  # each norm one kernel, with the residual add
             h = decode_gpu.rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
-            attended = _attention(cfg, w, h, cache, index, pos, rope, mask)
+            attended = _attention(cfg, w, h, cache, index, pos, rope, rows, mask)
             x = x + mlp(w, decode_gpu.rms_norm(x, w.mlp_norm, cfg.rms_norm_eps, residual=attended))
         else:
-            x = x + _attention(cfg, w, rms_norm(x, w.attn_norm, cfg.rms_norm_eps), cache, index, pos, rope, mask)
+            x = x + _attention(cfg, w, rms_norm(x, w.attn_norm, cfg.rms_norm_eps), cache, index, pos, rope, rows, mask)
             x = x + mlp(w, rms_norm(x, w.mlp_norm, cfg.rms_norm_eps))
         weights.layers.release(index)
     logits = linear(rms_norm(x, weights.norm, cfg.rms_norm_eps), weights.lm_head).float()

@@ -95,6 +95,8 @@ class StepGraphs:
 
     def step(self, kind: str, weights: ModelWeights, token: int, start: int) -> torch.Tensor:
         """One token at position `start` through `weights` (all on the device); logits [V]."""
+        if not 0 <= start < self.cache.capacity:  # the step writes the cache where pos says, unchecked
+            raise ValueError(f"position {start} is outside the KV cache ({self.cache.capacity})")
         span = min(self.cache.capacity, (start // BUCKET + 1) * BUCKET)
         self.token.fill_(token)
         self.pos.fill_(start)
