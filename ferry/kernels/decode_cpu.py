@@ -158,7 +158,7 @@ def _gated_scatter(gate_at, up_at, rows, index_at, has_threshold, threshold, spr
 
 def _address(t: torch.Tensor, numel: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """A tensor's address for a kernel that reads or writes `numel` of its values."""
-    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != numel:
+    if t.dtype != dtype or not t.is_cpu or not t.is_contiguous() or t.numel() != numel:
         raise ValueError(f"the fused decode kernels take contiguous CPU {dtype} tensors of {numel} values "
                          f"(got {t.dtype}, {t.device.type}, shape {tuple(t.shape)})")
     return t.data_ptr()
