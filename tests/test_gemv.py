@@ -100,21 +100,70 @@ def test_down_columns_in_place_equal_their_dequantized_columns(method, dtype, to
 
 
 @pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_gate_and_up_rows_in_one_launch(method, dtype, tokens):
+    """Records' gate and up rows as two parts of each record: one launch, [M, 2, n]."""
+    cfg, q, raw = quantized(method)
+    codes, scales, mins, _ = q.mlp_records(raw, 0, 150)
+    x = torch.randn(tokens, cfg.hidden_size, device=DEVICE).to(dtype)
+    both = gemv.rows_linear(x, codes[:, :2], scales, mins, q.bits)
+    assert both.shape == (tokens, 2, 150)
+    for j in range(2):
+        one = gemv.rows_linear(x, codes[:, j], scales[:, j], None if mins is None else mins[:, j], q.bits)
+        torch.testing.assert_close(both[:, j], one, rtol=1e-6, atol=1e-6)
+
+
+def gate_at_boundary(dtype):
+    """A threshold just above a value t of the dtype (torch compares with it rounded: t), and a
+    gate whose SiLU is exactly t: kept by the reference, dropped by an unrounded comparison."""
+    gate = torch.tensor(0.5, dtype=dtype)
+    t = F.silu(gate).item()
+    # a quarter of eps * t is under half the dtype's spacing at t: rounds back to t (fp32: t itself)
+    return t + (torch.finfo(dtype).eps * t / 4 if dtype != torch.float32 else 0.0), gate.item()
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 4])
+@pytest.mark.parametrize("thresholded", [False, True])
+def test_gated_down_columns_equal_gated_then_columns(method, dtype, tokens, thresholded):
+    """The down product given gate and up products forms SiLU(gate) * up itself, threshold and
+    roundings as `reference.gated`."""
+    from ferry.kernels.reference import gated
+
+    cfg, q, raw = quantized(method)
+    codes, _, _, index = q.mlp_records(raw, 0, 200)
+    table = q.down_groups(raw)
+    gate_up = (torch.randn(tokens, 2, 200, device=DEVICE) * 2).to(dtype)
+    threshold, boundary = gate_at_boundary(dtype) if thresholded else (None, 0.0)
+    gate_up[0, 0, 0], gate_up[0, 1, 0] = boundary, 50.0  # a neuron that moves the sums if dropped
+    got = gemv.columns_linear(gate_up, codes[:, 2], index, table, q.bits, q.group, threshold=threshold)
+    _, z = gated(gate_up[:, 0], gate_up[:, 1], threshold)
+    want = gemv.columns_linear(z, codes[:, 2], index, table, q.bits, q.group)
+    torch.testing.assert_close(got, want, **tolerance(dtype))
+    if thresholded:
+        assert z[0, 0] != 0 and (z == 0).any()  # the boundary neuron kept, others dropped
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
 @pytest.mark.parametrize("threshold", [None, 0.02])
-def test_mlp_on_records_equals_the_tiled_mlp(method, threshold, monkeypatch):
+@pytest.mark.parametrize("observed", [True, False])  # observed: activations formed apart, for the observer
+def test_mlp_on_records_equals_the_tiled_mlp(method, threshold, observed, monkeypatch):
     cfg, q, raw = quantized(method)
     part = views(q, raw, torch.float32, rows=150).mlp[0]
     assert isinstance(part, QuantNeurons)
     x = torch.randn(2, cfg.hidden_size, device=DEVICE)
     seen = {}
-    got = part.mlp(x, threshold, lambda a, z: seen.setdefault("got", (a, z)))
+    got = part.mlp(x, threshold, (lambda a, z: seen.setdefault("got", (a, z))) if observed else None)
     monkeypatch.setattr(gemv, "ENABLED", False)
     tiles = []
     want = part.mlp(x, threshold, lambda a, z: tiles.append((a, z)))
     assert len(tiles) > 1  # the reference ran tile by tile
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for mine, theirs in zip(seen["got"], (torch.cat(t, dim=-1) for t in zip(*tiles))):
-        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    if observed:
+        for mine, theirs in zip(seen["got"], (torch.cat(t, dim=-1) for t in zip(*tiles))):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_int8_head_in_place_equals_its_groups_dequantized(monkeypatch):

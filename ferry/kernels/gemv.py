@@ -66,33 +66,43 @@ def _codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def rows_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                 bits: int) -> torch.Tensor:
     """x [M, C] @ wᵀ for quantized rows w [R, C]: codes [R, C bits/8], fp16 scales (and mins)
-    [R, C / group], each with unit stride along the row (rows may be strided: records)."""
+    [R, C / group], each with unit stride along the row (rows may be strided: records); [M, R].
+    Or for P parts of each of R records at once (records' gate and up rows): codes [R, P, C
+    bits/8], scales and mins [R, P, C / group]; [M, P, R]."""
     from ferry.kernels.gemv_triton import rows_kernel
 
     x = x.contiguous()
     (m, c), r = x.shape, codes.shape[0]
-    out = x.new_empty(m, r)
+    parts = codes.shape[1] if codes.dim() == 3 else 1
+    out = x.new_empty(m, parts, r) if codes.dim() == 3 else x.new_empty(m, r)
     if r == 0:
         return out
     assert mins is None or mins.stride() == scales.stride(), "scales and mins share one stride"
+    part_codes, part_scales = (codes.stride(1), scales.stride(1)) if codes.dim() == 3 else (0, 0)
     block_r, block_v = (BLOCK_R1, BLOCK_V1) if m == 1 else (BLOCK_R, BLOCK_V)
-    rows_kernel[(-(-r // block_r),)](
-        x, _codes(codes, bits), scales, scales if mins is None else mins, out, m, r, c,
-        x.stride(0), codes.stride(0), scales.stride(0), out.stride(0),
-        GROUP=c // scales.shape[1], BITS=bits, HAS_MINS=mins is not None, BLOCK_M=_block_m(m),
+    rows_kernel[(-(-r * parts // block_r),)](
+        x, _codes(codes, bits), scales, scales if mins is None else mins, out, m, r, parts, c,
+        x.stride(0), codes.stride(0), part_codes, scales.stride(0), part_scales, out.stride(0),
+        GROUP=c // scales.shape[-1], BITS=bits, HAS_MINS=mins is not None, BLOCK_M=_block_m(m),
         BLOCK_R=block_r, BLOCK_V=block_v, PRECISION=_precision(x.dtype))
     return out
 
 
 def columns_linear(z: torch.Tensor, codes: torch.Tensor, index: torch.Tensor, table: tuple,
-                   bits: int, group: int, programs: int = PROGRAMS) -> torch.Tensor:
+                   bits: int, group: int, programs: int = PROGRAMS, threshold: float | None = None) -> torch.Tensor:
     """z [M, N] @ w for N neurons' down columns w [N, H]: codes [N, H bits/8], index int32 [N]
     (each neuron's place in the checkpoint, naming its group), table (scales, mins or None)
-    [I / group, H] down_proj's groups."""
+    [I / group, H] down_proj's groups. Or, z given as the gate and up products [M, 2, N] (what
+    `rows_linear` gives for records' two parts), the MLP's down product of SiLU(gate) * up, as
+    `reference.gated` forms it with the CATS `threshold`."""
     from ferry.kernels.gemv_triton import columns_kernel
 
+    gated = z.dim() == 3
+    if not gated and threshold is not None:
+        raise ValueError("a threshold applies to gate and up products, not to activations")
     z = z.contiguous()
-    (m, n), (scales, mins) = z.shape, table
+    stride_up = z.stride(1) if gated else 0
+    (m, n), (scales, mins) = (z.shape[0], z.shape[-1]), table
     h = scales.shape[1]
     if n == 0:
         return z.new_zeros(m, h)
@@ -101,10 +111,12 @@ def columns_linear(z: torch.Tensor, codes: torch.Tensor, index: torch.Tensor, ta
     chunk = -(-(-(-n // split)) // BLOCK_N) * BLOCK_N  # neurons per split, whole blocks
     split = -(-n // chunk)
     partial = torch.empty(split, m, h, dtype=torch.float32, device=z.device)  # every element written
+    # torch compares activations with the threshold rounded to their dtype
+    bound = 0.0 if threshold is None else torch.tensor(threshold, dtype=z.dtype).item()
     columns_kernel[(col_blocks, split)](
         z, _codes(codes, bits), index, scales, scales if mins is None else mins, partial,
-        m, n, h, chunk, z.stride(0), codes.stride(0), index.stride(0), scales.stride(0),
+        m, n, h, chunk, z.stride(0), stride_up, bound, codes.stride(0), index.stride(0), scales.stride(0),
         partial.stride(0), partial.stride(1),
-        GROUP=group, BITS=bits, HAS_MINS=mins is not None, BLOCK_M=_block_m(m), BLOCK_N=BLOCK_N,
-        BLOCK_H=BLOCK_H, PRECISION=_precision(z.dtype))
+        GROUP=group, BITS=bits, HAS_MINS=mins is not None, GATED=gated, HAS_THRESHOLD=threshold is not None,
+        BLOCK_M=_block_m(m), BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, PRECISION=_precision(z.dtype))
     return (partial[0] if split == 1 else partial.sum(0)).to(z.dtype)

@@ -8,9 +8,12 @@ their nibbles and interleaved back into value order (low nibble first).
 
 - `rows_kernel`: out[m, r] = sum_c x[m, c] * w[r, c] for rows r of codes [R, C bits/8] with
   per-row group scales (and mins) [R, C / group]: qkv, o, gate and up rows, lm_head.
+  Records' gate and up rows go in one launch as two parts of each record (out [M, 2, R]).
 - `columns_kernel`: out[m, h] = sum_j z[m, j] * w[j, h] for neuron records' down columns
   [N, H bits/8], each neuron's scales (and mins) the row index[j] // group of the layer's down
-  table [I / group, H]. Programs split the neurons too, writing fp32 partial sums.
+  table [I / group, H]. Programs split the neurons too, writing fp32 partial sums. Given the
+  gate and up products instead of z (GATED), it forms z = SiLU(gate) * up itself, rounded as
+  the reference rounds it, with the CATS threshold: the MLP's activations need no launches.
 
 One token (BLOCK_M == 1) multiplies elementwise into a 2-D accumulator reduced once at the end;
 several use `tl.dot` on 16+ rows.
@@ -45,22 +48,24 @@ def _dequant(q, scales_ptr, mins_ptr, offsets, mask, dtype, HAS_MINS: tl.constex
 
 
 @triton.jit
-def rows_kernel(x_ptr, codes_ptr, scales_ptr, mins_ptr, out_ptr, M, R, C,
-                stride_x, stride_codes, stride_scales, stride_out,
+def rows_kernel(x_ptr, codes_ptr, scales_ptr, mins_ptr, out_ptr, M, R, PARTS, C,
+                stride_x, stride_codes, stride_part_codes, stride_scales, stride_part_scales, stride_out,
                 GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MINS: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # out's columns: part * R + record
     ms = tl.arange(0, BLOCK_M)
-    row_ok, m_ok = rows < R, ms < M
-    wide = rows.to(tl.int64)  # row offsets past 2^31 bytes (a large lm_head)
+    row_ok, m_ok = rows < R * PARTS, ms < M
+    record, part = (rows % R).to(tl.int64), (rows // R).to(tl.int64)  # int64: a large lm_head's offsets
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     acc_one = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)  # one token: reduced after the loop
+    at_codes = record * stride_codes + part * stride_part_codes
+    at_scales = record * stride_scales + part * stride_part_scales
     for v0 in range(0, C, BLOCK_V):
         vals = v0 + tl.arange(0, BLOCK_V)
         v_ok = vals < C
-        q = _values(codes_ptr + wide[:, None] * stride_codes, v0, row_ok, C, BITS, BLOCK_V)
-        table = wide[:, None] * stride_scales + vals[None, :] // GROUP
+        q = _values(codes_ptr + at_codes[:, None], v0, row_ok, C, BITS, BLOCK_V)
+        table = at_scales[:, None] + vals[None, :] // GROUP
         w = _dequant(q, scales_ptr, mins_ptr, table, row_ok[:, None] & v_ok[None, :], dtype, HAS_MINS)
         x = tl.load(x_ptr + ms[:, None] * stride_x + vals[None, :], mask=m_ok[:, None] & v_ok[None, :], other=0)
         if BLOCK_M == 1:
@@ -74,9 +79,27 @@ def rows_kernel(x_ptr, codes_ptr, scales_ptr, mins_ptr, out_ptr, M, R, C,
 
 
 @triton.jit
+def _activations(z_ptr, offsets, mask, stride_up, threshold, GATED: tl.constexpr, HAS_THRESHOLD: tl.constexpr):
+    """z at offsets; or, GATED, z = SiLU(gate) * up from the gate products at offsets and the up
+    products stride_up further, each step rounded to their dtype as `reference.gated` rounds it
+    (a CATS threshold, given in that dtype, zeroes SiLU values whose size is not at least it)."""
+    if GATED:
+        gate = tl.load(z_ptr + offsets, mask=mask, other=0)
+        dt = gate.dtype
+        g = gate.to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        if HAS_THRESHOLD:
+            a = tl.where(tl.abs(a) >= threshold, a, a * 0.0)
+        up = tl.load(z_ptr + stride_up + offsets, mask=mask, other=0).to(tl.float32)
+        return (a * up).to(dt)
+    return tl.load(z_ptr + offsets, mask=mask, other=0)
+
+
+@triton.jit
 def columns_kernel(z_ptr, codes_ptr, index_ptr, scales_ptr, mins_ptr, out_ptr, M, N, H, CHUNK,
-                   stride_z, stride_codes, stride_index, stride_table, stride_split, stride_out,
-                   GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MINS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   stride_z, stride_up, threshold, stride_codes, stride_index, stride_table, stride_split,
+                   stride_out, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MINS: tl.constexpr,
+                   GATED: tl.constexpr, HAS_THRESHOLD: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
     first_col = tl.program_id(0) * BLOCK_H
     cols = first_col + tl.arange(0, BLOCK_H)  # this program's output columns
@@ -95,10 +118,11 @@ def columns_kernel(z_ptr, codes_ptr, index_ptr, scales_ptr, mins_ptr, out_ptr, M
         table = groups[:, None] * stride_table + cols[None, :]
         w = _dequant(q, scales_ptr, mins_ptr, table, n_ok[:, None] & h_ok[None, :], dtype, HAS_MINS)
         if BLOCK_M == 1:
-            z = tl.load(z_ptr + ns, mask=n_ok, other=0).to(tl.float32)
+            z = _activations(z_ptr, ns, n_ok, stride_up, threshold, GATED, HAS_THRESHOLD).to(tl.float32)
             acc_one += z[:, None] * w.to(tl.float32)
         else:
-            z = tl.load(z_ptr + ms[:, None] * stride_z + ns[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0)
+            z = _activations(z_ptr, ms[:, None] * stride_z + ns[None, :], m_ok[:, None] & n_ok[None, :],
+                             stride_up, threshold, GATED, HAS_THRESHOLD)
             acc += tl.dot(z, w, input_precision=PRECISION)
     if BLOCK_M == 1:
         acc = tl.sum(acc_one, axis=0)[None, :]
