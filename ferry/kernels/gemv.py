@@ -25,6 +25,7 @@ BLOCK_R1, BLOCK_V1 = 8, 256
 BLOCK_R, BLOCK_V = 32, 128
 BLOCK_N, BLOCK_H = 32, 128
 PROGRAMS = 1024  # programs the columns kernel aims for (splitting its neurons) so every SM works
+BLOCK_SUM = 1024  # values per program adding up the columns kernel's partial sums
 
 
 def available(device: torch.device | str) -> bool:
@@ -95,7 +96,7 @@ def columns_linear(z: torch.Tensor, codes: torch.Tensor, index: torch.Tensor, ta
     [I / group, H] down_proj's groups. Or, z given as the gate and up products [M, 2, N] (what
     `rows_linear` gives for records' two parts), the MLP's down product of SiLU(gate) * up, as
     `reference.gated` forms it with the CATS `threshold`."""
-    from ferry.kernels.gemv_triton import columns_kernel
+    from ferry.kernels.gemv_triton import columns_kernel, splits_kernel
 
     gated = z.dim() == 3
     if not gated and threshold is not None:
@@ -119,4 +120,6 @@ def columns_linear(z: torch.Tensor, codes: torch.Tensor, index: torch.Tensor, ta
         partial.stride(0), partial.stride(1),
         GROUP=group, BITS=bits, HAS_MINS=mins is not None, GATED=gated, HAS_THRESHOLD=threshold is not None,
         BLOCK_M=_block_m(m), BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, PRECISION=_precision(z.dtype))
-    return (partial[0] if split == 1 else partial.sum(0)).to(z.dtype)
+    out = z.new_empty(m, h)
+    splits_kernel[(-(-m * h // BLOCK_SUM),)](partial, out, split, m * h, BLOCK=BLOCK_SUM)
+    return out

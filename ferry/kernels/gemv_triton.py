@@ -11,7 +11,8 @@ their nibbles and interleaved back into value order (low nibble first).
   Records' gate and up rows go in one launch as two parts of each record (out [M, 2, R]).
 - `columns_kernel`: out[m, h] = sum_j z[m, j] * w[j, h] for neuron records' down columns
   [N, H bits/8], each neuron's scales (and mins) the row index[j] // group of the layer's down
-  table [I / group, H]. Programs split the neurons too, writing fp32 partial sums. Given the
+  table [I / group, H]. Programs split the neurons too, writing fp32 partial sums that
+  `splits_kernel` adds up and rounds in one more launch. Given the
   gate and up products instead of z (GATED), it forms z = SiLU(gate) * up itself, rounded as
   the reference rounds it, with the CATS threshold: the MLP's activations need no launches.
 
@@ -128,3 +129,15 @@ def columns_kernel(z_ptr, codes_ptr, index_ptr, scales_ptr, mins_ptr, out_ptr, M
         acc = tl.sum(acc_one, axis=0)[None, :]
     out = out_ptr + tl.program_id(1) * stride_split + ms[:, None] * stride_out + cols[None, :]
     tl.store(out, acc, mask=m_ok[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def splits_kernel(partial_ptr, out_ptr, SPLIT, SIZE, BLOCK: tl.constexpr):
+    """out = the sum over SPLIT partial results [SPLIT, SIZE] (fp32), rounded once to out's dtype:
+    the columns kernel's neuron splits added up in one launch."""
+    at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = at < SIZE
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, SPLIT):
+        acc += tl.load(partial_ptr + i * SIZE + at, mask=ok, other=0.0)
+    tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
