@@ -126,10 +126,10 @@ def fused_ops(x: torch.Tensor, *others: torch.Tensor):
 def decoder_layer(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list[_Rows], index: int,
                   observe=None) -> torch.Tensor:
     ops = fused_ops(x, w.attn_norm, w.mlp_norm)
-    if ops is not None:  # each norm one call, with the attention's residual add in the second
-        h = ops.rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
+    if ops is not None:  # each norm one call, with the attention's residual add in the second;
+        h = ops.rms_norm(x, w.attn_norm, cfg.rms_norm_eps)  # x, the pass's own residual stream,
         h = ops.rms_norm(x, w.mlp_norm, cfg.rms_norm_eps, residual=attention(cfg, w, h, rows, index))
-        return x + mlp(w, h, observe)
+        return x.add_(mlp(w, h, observe))  # is updated in place
     h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
     x = x + attention(cfg, w, h, rows, index)
     return x + mlp(w, rms_norm(x, w.mlp_norm, cfg.rms_norm_eps), observe)
