@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from ferry.kernels.gemv import triton_installed
+from ferry.kernels.gemv import triton_runs
 
 ENABLED: bool | None = None
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def available(device: torch.device | str) -> bool:
-    if ENABLED is False or (ENABLED is None and torch.device(device).type != "cuda"):
-        return False
-    return triton_installed()
+    return triton_runs(ENABLED, device)
 
 
 def usable(x: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -77,9 +75,9 @@ def rope_write(cfg, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_c
         raise ValueError("rope_write: qkv, caches or tables do not fit the model's heads")
     if not from_ptr and not (0 <= pos and pos + s <= capacity and cos.shape[0] >= s):
         raise ValueError(f"positions {pos}..{pos + s - 1} outside a cache of {capacity} or the tables given")
-    q = torch.empty(cfg.num_heads, s, cfg.head_dim, dtype=qkv.dtype, device=qkv.device)
-    rope_write_kernel[(s, cfg.num_heads + 2 * cfg.num_kv_heads)](
+    q = torch.empty(heads, s, d, dtype=qkv.dtype, device=qkv.device)
+    rope_write_kernel[(s, heads + 2 * kv_heads)](
         qkv, cos, sin, pos if from_ptr else qkv, 0 if from_ptr else pos, k_cache, v_cache, q, s, qkv.stride(0),
-        cfg.num_heads, cfg.num_kv_heads, k_cache.shape[1], HEAD_DIM=cfg.head_dim, BLOCK_HALF=_block(cfg.head_dim // 2),
+        heads, kv_heads, capacity, HEAD_DIM=d, BLOCK_HALF=_block(d // 2),
         POS_FROM_PTR=from_ptr, enable_fp_fusion=False)  # no fused multiply-adds: torch rounds each product
     return q

@@ -30,7 +30,13 @@ BLOCK_SUM = 1024  # values per program adding up the columns kernel's partial su
 
 def available(device: torch.device | str) -> bool:
     """Whether the kernels run on this device (Triton importable, and CUDA unless ENABLED)."""
-    if ENABLED is False or (ENABLED is None and torch.device(device).type != "cuda"):
+    return triton_runs(ENABLED, device)
+
+
+def triton_runs(enabled: bool | None, device: torch.device | str) -> bool:
+    """Whether a module's Triton kernels run on this device, given its switch: None on CUDA,
+    True anywhere (on the CPU, Triton's interpreter), False never; and Triton importable."""
+    if enabled is False or (enabled is None and torch.device(device).type != "cuda"):
         return False
     return triton_installed()
 
