@@ -39,9 +39,11 @@ from ferry.scheduler import step_graphs  # noqa: E402
 from ferry.offload.costmodel import GPUS, Gpu, predict_for_plan  # noqa: E402
 from ferry.offload.planner import parse_size  # noqa: E402
 
-SHAPES = {  # Llama-3-8B's shape, and a small one for CPU checks
+SHAPES = {  # Llama-3-8B's shape, its widths with few layers (CPU step timings), and a small one for CPU checks
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
+    "8b-layers": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=32000),
     "tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=2048),
 }
