@@ -66,9 +66,10 @@ def test_rope_write_is_the_reference(heads, kv_heads, head_dim):
         qkv = rows(1, cfg.q_size + 2 * cfg.kv_size, seed=seed, scale=2.0)
         k_cache, v_cache = rows(kv_heads, 300, head_dim, seed=90), rows(kv_heads, 300, head_dim, seed=91)
         k_before, v_before = k_cache.clone(), v_cache.clone()
-        q = decode_cpu.rope_write(cfg, qkv, rope.cos[pos:pos + 1], rope.sin[pos:pos + 1], k_cache, v_cache, pos)
+        caches = (k_cache[None], v_cache[None]) if seed % 2 else (k_cache, v_cache)  # KVCache.layer's 4-D views too
+        q = decode_cpu.rope_write(cfg, qkv, rope.cos[pos:pos + 1], rope.sin[pos:pos + 1], *caches, pos)
         want_q, want_k = rotate_qk(cfg, qkv, rope.cos[pos:pos + 1], rope.sin[pos:pos + 1])
-        assert torch.equal(q, want_q[:, 0])  # bit for bit: every rounding is the reference's
+        assert torch.equal(q, want_q)  # bit for bit: every rounding is the reference's
         assert torch.equal(k_cache[:, pos], want_k[:, 0])
         assert torch.equal(v_cache[:, pos], qkv[0, cfg.q_size + cfg.kv_size:].view(kv_heads, head_dim))
         others = torch.arange(300) != pos
@@ -84,7 +85,7 @@ def test_rope_write_matches_apply_rope_with_real_tables():
     k_cache, v_cache = (torch.zeros(2, 8192, 64, dtype=BF16) for _ in range(2))
     q = decode_cpu.rope_write(cfg, qkv, rope.cos[8000:8001], rope.sin[8000:8001], k_cache, v_cache, 8000)
     heads = qkv[:, :cfg.q_size].view(1, 4, 64).transpose(0, 1)
-    assert torch.equal(q, apply_rope(heads, rope.cos[8000:8001], rope.sin[8000:8001])[:, 0])
+    assert torch.equal(q, apply_rope(heads, rope.cos[8000:8001], rope.sin[8000:8001]))
 
 
 def test_where_the_kernels_apply(monkeypatch):
@@ -186,6 +187,8 @@ def test_the_kernels_refuse_what_they_cannot_read():
     caches = [torch.zeros(2, 16, 32, dtype=BF16) for _ in range(2)]
     with pytest.raises(ValueError, match="outside a cache"):
         decode_cpu.rope_write(cfg, qkv, row, row, *caches, 16)
+    with pytest.raises(ValueError, match="values"):  # two layers' caches where one is written
+        decode_cpu.rope_write(cfg, qkv, row, row, *(torch.zeros(2, 2, 16, 32, dtype=BF16) for _ in range(2)), 3)
     with pytest.raises(ValueError, match="values"):
         decode_cpu.rope_write(cfg, qkv[:, :-1], row, row, *caches, 3)  # a short qkv row
     with pytest.raises(ValueError, match="float32"):

@@ -74,8 +74,9 @@ def test_rope_write_is_the_reference(dtype, heads, kv_heads, head_dim, s):
         before = [c.clone() for c in caches]
         if on_device:  # a captured step: the whole tables, the position in a device tensor
             q = decode_gpu.rope_write(cfg, qkv, rope.cos, rope.sin, *caches, torch.tensor([pos], device=DEVICE))
-        else:
-            q = decode_gpu.rope_write(cfg, qkv, rope.cos[pos:pos + s], rope.sin[pos:pos + s], *caches, pos)
+        else:  # KVCache.layer's 4-D views at 150
+            layer = [c[None] for c in caches] if pos else caches
+            q = decode_gpu.rope_write(cfg, qkv, rope.cos[pos:pos + s], rope.sin[pos:pos + s], *layer, pos)
         want_q, want_k = fw.rotate_qk(cfg, qkv, rope.cos[pos:pos + s], rope.sin[pos:pos + s])
         assert torch.equal(q, want_q)  # bit for bit: every rounding is the reference's
         assert torch.equal(caches[0][:, pos:pos + s], want_k)
@@ -114,6 +115,8 @@ def test_rope_write_refuses_what_it_cannot_write():
         decode_gpu.rope_write(cfg, qkv[:, :-32], rows, rows, *caches, 0)
     with pytest.raises(ValueError, match="do not fit"):
         decode_gpu.rope_write(cfg, qkv, rows, rows, caches[0], caches[1][:1], 0)
+    with pytest.raises(ValueError, match="do not fit"):  # two layers' caches where one is written
+        decode_gpu.rope_write(cfg, qkv, rows, rows, *(torch.zeros(2, 2, 16, 32, device=DEVICE) for _ in range(2)), 0)
 
 
 def counting(monkeypatch) -> dict:

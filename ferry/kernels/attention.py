@@ -27,11 +27,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v for q [kv_heads, rows, d], k/v [kv_heads, L, d]; mask
     boolean [rows, L] (True: the key is seen) or None. Returns [kv_heads, rows, d] in q's dtype.
-    Every row must see at least one key (as causal masks do)."""
+    Every row must see at least one key (as causal masks do). q, k, v may also come with a
+    leading 1 (SDPA's 4-D layout), and the result then has it too."""
+    if q.dim() == 3:
+        return attend(q[None], k[None], v[None], scale, mask)[0]
     if BACKEND == "manual":
-        return attend_manual(q, k, v, scale, mask)
+        return attend_manual(q[0], k[0], v[0], scale, mask)[None]
     # 4-D [1, heads, rows, d]: the layout CUDA's fused kernels take (3-D falls back to the math path)
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale)[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def attend_manual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

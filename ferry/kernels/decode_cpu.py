@@ -177,14 +177,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def rope_write(cfg, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, pos: int) -> torch.Tensor:
     """One token's qkv [1, q + 2 kv] at position pos (cos/sin: the tables' row for it, [1,
-    head_dim]): keys (rotated) and values written into the caches [kv_heads, L, head_dim] at
-    pos; the rotated queries [heads, head_dim]."""
+    head_dim]): keys (rotated) and values written into the caches [(1,) kv_heads, L, head_dim]
+    at pos; the rotated queries [heads, 1, head_dim]."""
     heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    capacity = k_cache.shape[1]
-    if not 0 <= pos < capacity or k_cache.shape != (kv_heads, capacity, d):
-        raise ValueError(f"position {pos} outside a cache of {capacity}, or a cache not [{kv_heads}, L, {d}]")
+    capacity = k_cache.shape[-2]
+    if not 0 <= pos < capacity or k_cache.shape[-3:] != (kv_heads, capacity, d):  # a leading 1: numel is checked
+        raise ValueError(f"position {pos} outside a cache of {capacity}, or a cache not [(1,) {kv_heads}, L, {d}]")
     cache = kv_heads * capacity * d
-    q = torch.empty(heads, d, dtype=qkv.dtype)
+    q = torch.empty(heads, 1, d, dtype=qkv.dtype)
     _rope_write(_address(qkv, (heads + 2 * kv_heads) * d), _address(cos, d), _address(sin, d), heads, kv_heads, d,
                 pos, capacity, _address(k_cache, cache), _address(v_cache, cache), q.data_ptr())
     return q

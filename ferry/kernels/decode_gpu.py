@@ -60,7 +60,7 @@ def _block(n: int) -> int:
 def rope_write(cfg, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, pos: "int | torch.Tensor") -> torch.Tensor:
     """Tokens' qkv [S, q + 2 kv] at positions pos..pos+S-1: keys (rotated) and values written
-    into the caches [kv_heads, L, head_dim], the rotated queries returned [heads, S, head_dim].
+    into the caches [(1,) kv_heads, L, head_dim], the rotated queries returned [heads, S, head_dim].
     pos an int: cos/sin are the tables' rows for these tokens [S, head_dim]; pos a device tensor
     [1] (a captured step): cos/sin are the whole tables, read at its value."""
     from ferry.kernels.decode_triton import rope_write_kernel
@@ -69,9 +69,10 @@ def rope_write(cfg, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_c
     if qkv.stride(1) != 1:
         raise ValueError("the fused decode kernels take rows of contiguous values")
     s, from_ptr = qkv.shape[0], isinstance(pos, torch.Tensor)
-    heads, kv_heads, d, capacity = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, k_cache.shape[1]
-    if qkv.shape[1] != (heads + 2 * kv_heads) * d or k_cache.shape != (kv_heads, capacity, d) \
-            or v_cache.shape != k_cache.shape or cos.shape != sin.shape or cos.shape[-1] != d:
+    heads, kv_heads, d, capacity = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, k_cache.shape[-2]
+    if qkv.shape[1] != (heads + 2 * kv_heads) * d or k_cache.shape[-3:] != (kv_heads, capacity, d) \
+            or k_cache.numel() != kv_heads * capacity * d or v_cache.shape != k_cache.shape \
+            or cos.shape != sin.shape or cos.shape[-1] != d:
         raise ValueError("rope_write: qkv, caches or tables do not fit the model's heads")
     if not from_ptr and not (0 <= pos and pos + s <= capacity and cos.shape[0] >= s):
         raise ValueError(f"positions {pos}..{pos + s - 1} outside a cache of {capacity} or the tables given")

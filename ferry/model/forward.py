@@ -73,10 +73,10 @@ def attention(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list[_Ro
     qkv = linear(x, w.qkv, w.qkv_bias)  # [N, q + 2 kv]: one weight read for every row
     if len(rows) == 1:  # one sequence: its output is the layer's, no staging buffer
         r = rows[0]
-        return linear(_attend(cfg, qkv, r.cache.k[index], r.cache.v[index], r.start, r.cos, r.sin), w.o)
+        return linear(_attend(cfg, qkv, r.cache.layer(index), r.start, r.cos, r.sin), w.o)
     out = torch.empty(x.shape[0], cfg.q_size, dtype=x.dtype, device=x.device)
     for r in rows:
-        out[r.lo:r.hi] = _attend(cfg, qkv[r.lo:r.hi], r.cache.k[index], r.cache.v[index], r.start, r.cos, r.sin)
+        out[r.lo:r.hi] = _attend(cfg, qkv[r.lo:r.hi], r.cache.layer(index), r.start, r.cos, r.sin)
     return linear(out, w.o)
 
 
@@ -88,28 +88,32 @@ def rotate_qk(cfg: ModelConfig, qkv: torch.Tensor, cos: torch.Tensor, sin: torch
     return qk[:cfg.num_heads], qk[cfg.num_heads:]
 
 
-def _attend(cfg: ModelConfig, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """One segment: rope, cache writes at start..start+S-1, attention over its cache; [S, q]."""
+def _attend(cfg: ModelConfig, qkv: torch.Tensor, layer_cache: tuple, start: int, cos: torch.Tensor,
+            sin: torch.Tensor) -> torch.Tensor:
+    """One segment: rope, cache writes at start..start+S-1, attention over its cache; [S, q].
+    layer_cache: the layer's keys and values [1, kv_heads, L, head_dim] (`KVCache.layer`)."""
     s = qkv.shape[0]
     end = start + s
+    k_cache, v_cache = layer_cache
     ops = fused_ops(qkv, k_cache, cos)
-    if ops is not None:  # rope and both cache writes in one call
+    if ops is not None:  # rope and both cache writes in one call; q [heads, S, head_dim]
         q = ops.rope_write(cfg, qkv, cos, sin, k_cache, v_cache, start)
     else:
         q, k = rotate_qk(cfg, qkv, cos, sin)
         v = qkv[:, cfg.q_size + cfg.kv_size:]
-        k_cache[:, start:end] = k  # [kv_heads, S, head_dim]
-        v_cache[:, start:end] = v.view(s, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+        k_cache[0, :, start:end] = k  # [kv_heads, S, head_dim]
+        v_cache[0, :, start:end] = v.view(s, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
     window = cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < end else None
     lo = max(0, end - window - s + 1) if window else 0  # oldest key any query still sees
     # Heads sharing a KV head are folded into the query length, so GQA needs no copy of K/V.
     group = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(cfg.num_kv_heads, group * s, cfg.head_dim)
+    q = q.reshape(1, cfg.num_kv_heads, group * s, cfg.head_dim)
     mask = None
     if s > 1:
         mask = attention_mask(start, s, lo, window, qkv.device).repeat(group, 1)  # [group S, keys]
-    out = attend(q, k_cache[:, lo:end], v_cache[:, lo:end], cfg.attention_scale, mask)  # [kv_heads, group S, head_dim]
+    out = attend(q, k_cache.narrow(2, lo, end - lo), v_cache.narrow(2, lo, end - lo), cfg.attention_scale, mask)
+    if s == 1:  # [1, kv_heads, group, head_dim] is already the heads in order
+        return out.view(1, cfg.q_size)
     return out.view(cfg.num_heads, s, cfg.head_dim).transpose(0, 1).reshape(s, cfg.q_size)
 
 

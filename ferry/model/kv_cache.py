@@ -25,8 +25,15 @@ class KVCache:
         shape = (cfg.num_layers, cfg.num_kv_heads, capacity, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # each layer's keys and values [1, kv_heads, capacity, head_dim] (SDPA's layout), made
+        # once: a decode step of a small model is short enough for per-layer views to show
+        self._layers = [(self.k[i:i + 1], self.v[i:i + 1]) for i in range(cfg.num_layers)]
         self.length = 0
         self.full_length = 0
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s keys and values as views [1, kv_heads, capacity, head_dim]."""
+        return self._layers[index]
 
     @property
     def capacity(self) -> int:
