@@ -167,9 +167,10 @@ def launches_per_step(engine, prompt: str, device: str) -> float:
     return (count(9) - count(1)) / 8
 
 
-def resident_steps(folder: Path, common: dict, prompt: str, args, read_gbps: float) -> dict:
+def resident_steps(folder: Path, common: dict, prompt: str, args, read_gbps: float, save=None) -> dict:
     """Every layer resident (the device's whole budget): each step kind's time against the bytes
-    it reads divided by the measured read bandwidth, and its launches (issue: launch-bound steps)."""
+    it reads divided by the measured read bandwidth, and its launches per step. save(rows)
+    after each (a partial report)."""
     rows = {}
     for name, options in (("resident dense bf16", dict(mode="dense")),
                           ("resident sparse bf16", dict(sparsity=args.sparsity, mode="sparse")),
@@ -198,6 +199,8 @@ def resident_steps(folder: Path, common: dict, prompt: str, args, read_gbps: flo
         gc.collect()
         if common["device"] == "cuda":
             torch.cuda.empty_cache()
+        if save is not None:
+            save(rows)
     return rows
 
 
@@ -252,6 +255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--period", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=33, help="per generation (sirius: two periods)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel check (gemv_check.py run alone)")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --tiny for the CPU check")
@@ -311,27 +315,46 @@ def main(argv: list[str] | None = None) -> dict:
         if cuda:
             torch.cuda.empty_cache()
 
-    measure("pipelined", [("dense streaming", "dense", "dense")])
-    measure("pipelined", [("sparse only", "sparse", "sparse"), ("sirius pipelined", "sirius", "ferry")],
-            sparsity=args.sparsity)
-    measure("serial", [("sirius serial", "sirius", "ferry")], sparsity=args.sparsity)
+    # Most wanted first, and the report rewritten after each part, so a run cut short by a time
+    # limit keeps what it measured: resident steps, int4 streaming, bf16 streaming, kernels, baseline.
+    steps: dict[str, dict] = {}
+    kernels = None
+
+    def save(resident: dict | None = None) -> None:
+        steps.update(resident or {})
+        args.report.write_text(json.dumps({"bench": "gpu_suite", "partial": True, "device": card, "rows": rows,
+                                           "resident_steps": steps, "kernels": kernels}, indent=1))
+
+    steps.update(resident_steps(folder, common, prompt, args, read, save))
     # int4 (ferry's own groups of 32, plain ranges: quantizing random weights, fitting buys nothing)
     int4 = dict(quant="int4", quant_fit=False)
-    measure("pipelined", [("int4 dense streaming", "dense", "dense")], **int4)
-    measure("pipelined", [("int4 sirius pipelined", "sirius", "ferry")], sparsity=args.sparsity, **int4)
-    steps = resident_steps(folder, common, prompt, args, read)
-    kernels = None
-    if cuda and gemv.available("cuda"):
+    for schedule, modes, options in (
+            ("pipelined", [("int4 sirius pipelined", "sirius", "ferry")], dict(sparsity=args.sparsity, **int4)),
+            ("pipelined", [("int4 dense streaming", "dense", "dense")], int4),
+            ("pipelined", [("dense streaming", "dense", "dense")], {}),
+            ("pipelined", [("sparse only", "sparse", "sparse"), ("sirius pipelined", "sirius", "ferry")],
+             dict(sparsity=args.sparsity)),
+            ("serial", [("sirius serial", "sirius", "ferry")], dict(sparsity=args.sparsity))):
+        measure(schedule, modes, **options)
+        save()
+    if args.no_kernels:
+        log("kernel check skipped (--no-kernels)")
+    elif cuda and gemv.available("cuda"):
         kernels = check_kernels("cuda", SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"], torch.bfloat16)
     elif os.environ.get("TRITON_INTERPRET") == "1":  # the CPU check: Triton's interpreter, small shapes
         gemv.ENABLED = decode_gpu.ENABLED = True
         kernels = check_kernels("cpu", 64, 256, torch.float32, reps=1)
         gemv.ENABLED = decode_gpu.ENABLED = None
+    save()
     ids = word_tokenizer(SHAPES[shape]["vocab_size"])(prompt)["input_ids"]
-    base = time_transformers(folder, device, budget, ids, min(args.new_tokens, 9), args.runs)
     name = "transformers + accelerate" if cuda else "transformers (CPU)"
-    rows[name] = {"measured_s": base["s"], "placement": base["placement"]}
-    log(f"{name}: {base['s'] * 1e3:.1f} ms/token, weights on {base['placement']}")
+    try:  # the baseline runs on the machine's own transformers and accelerate, whatever they are
+        base = time_transformers(folder, device, budget, ids, min(args.new_tokens, 9), args.runs)
+        rows[name] = {"measured_s": base["s"], "placement": base["placement"]}
+        log(f"{name}: {base['s'] * 1e3:.1f} ms/token, weights on {base['placement']}")
+    except Exception as err:  # noqa: BLE001 (report it and keep ferry's rows)
+        rows[name] = {"error": f"{type(err).__name__}: {err}"}
+        log(f"{name} failed: {rows[name]['error']}")
     return report(args, rows, steps, kernels, card, shape, budget, peak, read, gpu)
 
 

@@ -90,3 +90,19 @@ def test_model_logits_same_on_both_paths(family, tiny_model_dir, monkeypatch):
     ref = run_model(folder, "sdpa", monkeypatch)
     ours = run_model(folder, "manual", monkeypatch)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_model_takes_attention_output_in_any_layout(tiny_model_dir, monkeypatch):
+    """CUDA's memory-efficient SDPA returns [1, heads, rows, d] as a transposed view of
+    [1, rows, heads, d]: every pass (prefill, decode, chunk) reads it by shape, not by layout."""
+    folder = tiny_model_dir("llama3")
+    ref = run_model(folder, "sdpa", monkeypatch)
+    real = F.scaled_dot_product_attention
+
+    def transposed(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", transposed)
+    assert not transposed(*(torch.zeros(1, 3, 2, 4),) * 3).is_contiguous()
+    assert torch.equal(run_model(folder, "sdpa", monkeypatch), ref)

@@ -34,7 +34,7 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n, eps, HAS_RES: tl.constexp
     tl.store(out_ptr + at, (w * normed).to(x.dtype), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start", "s"])  # a step's position and length: one compile for all
 def rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, start, k_ptr, v_ptr, q_ptr, s, qkv_stride,
                       heads, kv_heads, capacity, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
                       POS_FROM_PTR: tl.constexpr):

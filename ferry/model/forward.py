@@ -112,9 +112,11 @@ def _attend(cfg: ModelConfig, qkv: torch.Tensor, layer_cache: tuple, start: int,
     if s > 1:
         mask = attention_mask(start, s, lo, window, qkv.device).repeat(group, 1)  # [group S, keys]
     out = attend(q, k_cache.narrow(2, lo, end - lo), v_cache.narrow(2, lo, end - lo), cfg.attention_scale, mask)
+    # reshape, not view: CUDA's memory-efficient SDPA returns a transposed layout (a view where
+    # the layout allows, as on the CPU)
     if s == 1:  # [1, kv_heads, group, head_dim] is already the heads in order
-        return out.view(1, cfg.q_size)
-    return out.view(cfg.num_heads, s, cfg.head_dim).transpose(0, 1).reshape(s, cfg.q_size)
+        return out.reshape(1, cfg.q_size)
+    return out.reshape(cfg.num_heads, s, cfg.head_dim).transpose(0, 1).reshape(s, cfg.q_size)
 
 
 def fused_ops(x: torch.Tensor, *others: torch.Tensor):

@@ -196,7 +196,9 @@ class LayerStore:
             if layer not in self.prefix_buffers:
                 self.prefix_buffers[layer] = torch.empty(prefix, dtype=self.fmt_dtype, device=self.device)
                 self.epoch += 1
-            self.link.wait(self.link.copy(self.prefix_buffers[layer], self.host[layer][:prefix]))
+            # after the compute queued so far: a new buffer may reuse memory it still reads
+            self.link.wait(self.link.copy(self.prefix_buffers[layer], self.host[layer][:prefix],
+                                          after=self.link.compute_done()))
         self._forget_views()
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:

@@ -245,7 +245,9 @@ class CudaLink(Traced):
         return LinkStats(**vars(self._stats))
 
     def close(self) -> None:
-        pass
+        """Wait for the copies in flight (prefetches for a next pass): their host and device
+        buffers may be freed once the engine is gone."""
+        self.stream.synchronize()
 
 
 class HostClock:
