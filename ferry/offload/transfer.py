@@ -77,8 +77,9 @@ def host_empty(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
             return _registered_empty(numel, dtype)
         except RuntimeError as err:  # WSL2 and locked-memory limits refuse large pinned buffers
             if not _pin_warned:
-                warnings.warn(f"pinning host memory failed ({err}); using pageable memory, "
-                              "host-to-device copies will be slower", stacklevel=2)
+                warnings.warn(f"pinning host memory failed ({err}); using pageable memory: host-to-device "
+                              "copies will be slower and will not overlap compute (a copy from pageable "
+                              "memory waits for the device)", stacklevel=2)
                 _pin_warned = True
     return torch.empty(numel, dtype=dtype)
 
