@@ -202,3 +202,12 @@ def test_profile_errors_exit_2(flags, message, tiny_model_dir, capsys):
     code = main(["profile", "-m", str(tiny_model_dir()), "-p", "hi", *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("card,preset", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100-pcie"),
+                                         ("NVIDIA H200", "h200"), ("NVIDIA GeForce RTX 4090", "rtx4090"),
+                                         ("NVIDIA A100-SXM4-80GB", "a100-80g"), ("Tesla T4", None)])
+def test_card_names_pick_the_most_specific_preset(card, preset):
+    from ferry.profile.summary import preset_for
+
+    assert preset_for(card) == preset

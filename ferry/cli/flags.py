@@ -209,7 +209,7 @@ FLAGS: dict[str, Flag] = {
     "trace": Flag(("--trace",), "write a Chrome/Perfetto trace (JSON) of the run", metavar="FILE"),
     # predictions (plan, profile)
     "gpu": Flag(("--gpu",), "card whose figures the predictions use: rtx3090, rtx4090, rtx5090, a100-40g, "
-                "a100-80g, l40, h100 (plan: default rtx4090, and naming one also plans for its memory; "
+                "a100-80g, l40, h100, h100-pcie, h200 (plan: default rtx4090, and naming one also plans for its memory; "
                 "profile: default recognised from the device name, else measured)", type=gpu_name, metavar="NAME"),
     "gpu_mem_gbps": Flag(("--gpu-mem-gbps",), "device memory bandwidth in GB/s (default: the card's)",
                          type=POSITIVE, metavar="GBPS"),

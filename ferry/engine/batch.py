@@ -39,7 +39,7 @@ from ferry.model.forward import Segment, forward_batch
 from ferry.model.kv_cache import KVCache
 from ferry.model.rope import rope_for
 from ferry.model.weights import Kind
-from ferry.offload.transfer import LinkStats
+from ferry.offload.transfer import LinkStats, synchronize
 from ferry.scheduler.correction import accepted_prefix, until_stop
 from ferry.scheduler.decode import DecodeStats, finished
 from ferry.scheduler.drafting import draft_limit
@@ -133,10 +133,12 @@ class BatchRun:
         segments = [Segment(s.cache, torch.tensor(f, dtype=torch.long, device=rt.device), s.cache.length)
                     for s, f in zip(seqs, feeds)]
         weights = rt.weights if kind == Kind.FULL else rt.sparse_weights
-        before, t0 = rt.link.stats(), time.perf_counter()
+        # the link's counts without waiting for prefetches in flight (the next pass's copies)
+        before, t0 = rt.link.stats(wait=False), time.perf_counter()
         with torch.no_grad():
             logits = forward_batch(rt.model, weights, self.rope, segments, all_logits, observe)
-        spent, link = time.perf_counter() - t0, rt.link.stats().minus(before)
+        synchronize(rt.device)  # the pass's kernels, not just their queueing (sampling waits anyway)
+        spent, link = time.perf_counter() - t0, rt.link.stats(wait=False).minus(before)
         for s, seg in zip(seqs, segments):
             s.cache.wrote(seg.start, seg.tokens.shape[0], full=kind == Kind.FULL)
             s.link = LinkStats(s.link.bytes + link.bytes // len(seqs), s.link.copies, s.link.busy_s + link.busy_s,

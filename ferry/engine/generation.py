@@ -21,7 +21,7 @@ from ferry.errors import SettingError
 from ferry.model.forward import forward
 from ferry.model.weights import Kind, ModelWeights
 from ferry.offload.accounting import d_sparse, kept_neurons, mlp_density
-from ferry.offload.transfer import LinkStats
+from ferry.offload.transfer import LinkStats, synchronize
 from ferry.scheduler.correction import decode_sirius
 from ferry.scheduler.decode import DecodeStats, Passes, decode_stepwise
 from ferry.scheduler.sampling import Sampler, SamplingConfig
@@ -168,10 +168,12 @@ def prefill(rt: Runtime, ids: list[int], stats: DecodeStats, weights: ModelWeigh
     logits = forward(rt.model, weights or rt.weights, ctx.rope, ctx.cache, prompt, start,
                      all_logits=False, observe_mlp=observe if griffin else None)[-1]
     ctx.cache.wrote(start, len(ids) - start, full=True)
+    synchronize(rt.device)  # the pass's kernels, not just their queueing
     stats.prefill_s, stats.reused_tokens = time.perf_counter() - t0, start
     if griffin:
         t0 = time.perf_counter()
         select_neurons(rt, sums if not start else [s + old for s, old in zip(sums, ctx.scores)], len(ids))
+        synchronize(rt.device)
         stats.select_s = time.perf_counter() - t0
     return logits
 

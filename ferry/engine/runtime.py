@@ -92,6 +92,8 @@ def build_runtime(config: FerryConfig, tokenizer: Any = None) -> Runtime:
     """Load the model `config` describes. tokenizer: one already loaded for this model.
     The runtime's config is `config` with quant='auto' resolved against the checkpoint."""
     folder, checkpoint, config, device, dtype = _resolve(config)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Triton kernels launch on the current device
     if config.runtime.threads != "auto":
         torch.set_num_threads(config.runtime.threads)
     tokenizer = tokenizer or load_tokenizer(folder)
@@ -129,7 +131,7 @@ def _resolve(config: FerryConfig) -> tuple[Path, Checkpoint, FerryConfig, torch.
 
 
 def _plan(config: FerryConfig, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> Plan:
-    budget, host = default_budgets(device.type, config.offload)
+    budget, host = default_budgets(device, config.offload)
     return plan_for(config, checkpoint.config, device.type, torch.finfo(dtype).bits // 8, budget, host)
 
 

@@ -44,7 +44,9 @@ GPUS = {
     "a100-40g": GpuPreset(40, 1555, 4),
     "a100-80g": GpuPreset(80, 2039, 4),
     "l40": GpuPreset(48, 864, 4),
-    "h100": GpuPreset(80, 3350, 5),
+    "h100": GpuPreset(80, 3350, 5),  # SXM
+    "h100-pcie": GpuPreset(80, 2000, 5),
+    "h200": GpuPreset(141, 4800, 5),
 }
 
 

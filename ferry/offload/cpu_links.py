@@ -61,7 +61,7 @@ class InOrderLink(Traced):
     def compute_done(self):
         return None
 
-    def stats(self) -> LinkStats:
+    def stats(self, wait: bool = True) -> LinkStats:
         return LinkStats(**vars(self._stats))
 
     def close(self) -> None:
@@ -179,7 +179,7 @@ class EmulatedLink(Traced):
             if self._spans is not None:
                 self._spans.append((tag, src.size, t0, t1))
 
-    def stats(self) -> LinkStats:
+    def stats(self, wait: bool = True) -> LinkStats:  # its copies are timed as they finish
         with self._lock:
             return LinkStats(**vars(self._stats))
 

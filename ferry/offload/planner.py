@@ -280,16 +280,19 @@ class OffloadConfig:
             raise SettingError("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
 
-def default_budgets(device: str, offload: OffloadConfig) -> tuple[int, int]:
-    """(device budget, host budget) from the flags or, failing those, the machine."""
+def default_budgets(device, offload: OffloadConfig) -> tuple[int, int]:
+    """(device budget, host budget) from the flags or, failing those, the machine (device: a
+    torch.device or its type; a CUDA budget is that card's free memory, counting what torch's
+    caching allocator holds but does not use as free)."""
     import psutil
 
     host = offload.host_memory or psutil.virtual_memory().available
     if offload.gpu_memory is not None:
         return offload.gpu_memory, host
-    if device == "cuda":
+    if str(device).startswith("cuda"):
         import torch
 
-        free, _ = torch.cuda.mem_get_info()
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return max(0, free - DEVICE_MARGIN), host
     return max(0, host - DEVICE_MARGIN), host  # CPU: everything resident unless told otherwise

@@ -84,6 +84,13 @@ def host_empty(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     return torch.empty(numel, dtype=dtype)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on the device (a CUDA call returns before its kernels run):
+    before reading a clock that should include it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class LinkStats:
     bytes: int = 0  # of the copies issued (a generation's bytes are the copies it asked for)
@@ -137,7 +144,10 @@ class Link(Protocol):
         """A marker for the compute queued so far: a later copy `after` it may overwrite its inputs."""
         ...
 
-    def stats(self) -> LinkStats: ...
+    def stats(self, wait: bool = True) -> LinkStats:
+        """Totals so far; wait=False leaves out the timings of copies still in flight (on a GPU,
+        waiting for them would stall a pass that prefetches)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -240,9 +250,10 @@ class CudaLink(Traced):
                 setattr(self._stats, field, getattr(self._stats, field) + first.elapsed_time(last) / 1e3)
             pairs[:] = keep
 
-    def stats(self) -> LinkStats:
-        """Totals so far (waits for the timed events: call outside hot loops)."""
-        self._fold(finished_only=False)
+    def stats(self, wait: bool = True) -> LinkStats:
+        """Totals so far. wait: the timings of every copy issued (blocks for those in flight:
+        call outside hot loops); else only of those finished (bytes count every copy issued)."""
+        self._fold(finished_only=not wait)
         return LinkStats(**vars(self._stats))
 
     def close(self) -> None:

@@ -120,6 +120,14 @@ def _link_name(engine: Engine) -> str:
 
 # --- the cost model's prediction for the measured run ---------------------------------------------
 
+def preset_for(card: str) -> str | None:
+    """The preset a card's name ("NVIDIA H100 PCIe") matches: the most specific one whose every
+    part the name holds ("h100-pcie" before "h100"), or None."""
+    name = card.lower().replace(" ", "")
+    return next((key for key in sorted(GPUS, key=lambda k: -len(k.split("-")))
+                 if all(part in name for part in key.split("-"))), None)
+
+
 def bandwidths(engine: Engine, stats, gpu: str | None) -> tuple[float | None, str, float, str]:
     """(link GB/s, where from, memory GB/s, where from) for the prediction."""
     device, emulated = engine.runtime.device, engine.config.offload.emulate_link_gbps
@@ -130,8 +138,7 @@ def bandwidths(engine: Engine, stats, gpu: str | None) -> tuple[float | None, st
     else:
         link, link_src = None, "nothing crossed the link"
     if gpu is None and device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower().replace(" ", "")
-        gpu = next((key for key in GPUS if all(part in name for part in key.split("-"))), None)
+        gpu = preset_for(torch.cuda.get_device_name(device))
     if gpu is not None:
         return link, link_src, GPUS[gpu].memory_gbps, f"preset {gpu}"
     return link, link_src, copy_gbps(device), f"measured {device.type} copy"
