@@ -182,7 +182,7 @@ class LayerStore:
             flat = self.resident.get(layer, self.host.get(layer))
             bundle = flat[self.fmt.mlp_offset:].view(self.fmt.intermediate_size, -1)
             if staging is None or staging.device != bundle.device:
-                staging = torch.empty_like(bundle)
+                staging = self._scratch(bundle)
             gather_rows(bundle, order.to(bundle.device), staging)
             bundle.copy_(staging)  # in place: captured step graphs (step_graphs.py) stay valid
         n = self.layout.intermediate_size
@@ -200,6 +200,15 @@ class LayerStore:
             self.link.wait(self.link.copy(self.prefix_buffers[layer], self.host[layer][:prefix],
                                           after=self.link.compute_done()))
         self._forget_views()
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """Room for a copy of `like`: a streaming slot where one is on its device (idle now: the
+        caller drained the copies, and compute still reading it runs first on the same stream),
+        so a device full of resident layers needs no MLP's worth more; else a new buffer."""
+        for buf in self.slots.buffers if self.slots is not None else ():
+            if buf.device == like.device and buf.dtype == like.dtype and buf.numel() >= like.numel():
+                return buf[:like.numel()].view_as(like)
+        return torch.empty_like(like)
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         """CATS: SPARSE passes use every neuron, skipping those under the layer's threshold."""
