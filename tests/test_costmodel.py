@@ -157,21 +157,25 @@ def test_bad_period_or_aal():
         predict_for_plan(plan, resolve_gpu("rtx4090"), schedule="eager")
 
 
-def plan_70b_int4(group: int, speculate_budget: int = 24, device: str = "cuda"):
+def plan_70b_int4(group: int, speculate_budget: float = 24, device: str = "cuda"):
     from ferry.model.quant import QuantConfig
 
-    return make_plan(config_70b(), dtype_bytes=2, budget_bytes=speculate_budget * GiB, host_available_bytes=512 * GiB,
+    return make_plan(config_70b(), dtype_bytes=2, budget_bytes=int(speculate_budget * GiB), host_available_bytes=512 * GiB,
                      ctx=4096, device=device, sparsity=0.5, quant=QuantConfig("int4", group_size=group))
 
 
 def test_70b_int4_keeps_every_selected_set_on_a_24gib_card():
-    """Llama-3.1-70B, int4 groups of 128 (AWQ/GPTQ's), 4K context, sparsity 0.5: the selected sets
-    take the room before a second prefetch slot; lm_head is int8; the workspace holds a tile."""
+    """Llama-3.1-70B, int4 groups of 128 (AWQ/GPTQ's), 4K context, sparsity 0.5: every selected
+    set resident, with two prefetch slots at 24 GiB; a little less room and the second slot gives
+    way to the sparse set; lm_head is int8; the workspace holds a prefill chunk and a tile."""
     plan = plan_70b_int4(128)
     assert len(plan.prefix_layers) + len(plan.resident_layers) == 80 and plan.fits
-    assert plan.slot_count == plan.prefetch_depth == 1  # the second slot gave way to the sparse set
+    assert plan.slot_count == plan.prefetch_depth == 2
+    tight = plan_70b_int4(128, speculate_budget=23.5)
+    assert len(tight.prefix_layers) + len(tight.resident_layers) == 80 and tight.fits
+    assert tight.slot_count == tight.prefetch_depth == 1  # the second slot gave way to the sparse set
     assert plan.lm_head_quant == "int8" and plan.lm_head_bytes < 1.1 * GiB
-    assert plan.workspace_bytes < 1 * GiB
+    assert plan.workspace_bytes < 0.5 * GiB  # a 512-row chunk's activations, not 4096 rows' (896 MiB before)
     assert plan.link_bytes["sparse_step"] == 8192 * 2  # one embedding row: the sparse set moves nothing
     # groups of 32 cost more bytes per weight: the sets no longer all fit, and both slots stay
     small = plan_70b_int4(32)

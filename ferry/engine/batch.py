@@ -150,6 +150,7 @@ class BatchRun:
                 s.stats.sparse_steps += kind == Kind.SPARSE
             else:
                 s.stats.prefill_s += spent
+                s.stats.prefill_bytes += link.bytes // len(seqs)
         return logits
 
     def _prefill(self, seqs: list[_Seq]) -> None:
@@ -158,7 +159,8 @@ class BatchRun:
         sums: list[torch.Tensor | None] = [None] * rt.model.num_layers
 
         def observe(layer: int, a: torch.Tensor, z: torch.Tensor) -> None:
-            sums[layer] = griffin_sumsq(z)
+            s = griffin_sumsq(z)  # sums over tokens: a long pass's chunks add up
+            sums[layer] = s if sums[layer] is None else sums[layer] + s
 
         rt.executor.expect([Kind.FULL, Kind.SPARSE if rt.config.sparse else Kind.FULL])
         logits = self._pass(seqs, [s.ids for s in seqs], Kind.FULL, False, observe if griffin else None)

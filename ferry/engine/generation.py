@@ -58,6 +58,7 @@ class GenerationStats:
     tokens_per_s: float  # decode steps per second (the first token comes from prefill)
     finish_reason: str  # stop (a stop token), length (max new tokens) or context (cache full)
     h2d_bytes: int  # bytes copied host -> device during this generation
+    prefill_h2d_bytes: int  # of those, during the prefill (and the selected rows' first upload)
     h2d_bytes_per_token: float  # per new token
     h2d_gbps: float  # achieved while the link was busy
     overlap: float  # fraction of transfer time hidden behind compute
@@ -137,6 +138,7 @@ def _run(rt: Runtime, request: Request, ids: list[int], views: Views | None) -> 
         full, sparse = views or (rt.weights, rt.sparse_weights)
         sampler = Sampler(request.sampling)
         first = sampler(prefill(rt, ids, stats, full))
+        stats.prefill_bytes = rt.link.stats(wait=False).bytes - link_before.bytes
         passes = make_passes(rt, full, sparse, ctx, graphs=views is None)  # timed views time each layer
         for token in decode(rt, passes, first, request, sampler, stats):
             new.append(token)
@@ -158,7 +160,8 @@ def prefill(rt: Runtime, ids: list[int], stats: DecodeStats, weights: ModelWeigh
     sums: list[torch.Tensor] = [None] * rt.model.num_layers  # type: ignore[list-item]
 
     def observe(layer: int, a: torch.Tensor, z: torch.Tensor) -> None:
-        sums[layer] = griffin_sumsq(z)
+        s = griffin_sumsq(z)  # sums over tokens: a long pass's chunks add up
+        sums[layer] = s if sums[layer] is None else sums[layer] + s
 
     t0 = time.perf_counter()
     rt.executor.expect([Kind.FULL, Kind.SPARSE if rt.config.sparse else Kind.FULL])  # this pass, then
@@ -273,7 +276,7 @@ def generation_stats(rt: Runtime, prompt_len: int, new: list[int], s: DecodeStat
     return GenerationStats(
         prompt_tokens=prompt_len, reused_tokens=s.reused_tokens, new_tokens=len(new), prefill_s=s.prefill_s, decode_s=s.decode_s,
         tokens_per_s=after_first / s.decode_s if s.decode_s > 0 else 0.0,
-        finish_reason=s.finish_reason, h2d_bytes=link.bytes,
+        finish_reason=s.finish_reason, h2d_bytes=link.bytes, prefill_h2d_bytes=s.prefill_bytes,
         h2d_bytes_per_token=link.bytes / max(1, len(new)), h2d_gbps=link.gbps, overlap=link.overlap,
         mode=mode, mlp_density=mlp_density(rt.model, sparse, method) if cfg.sparse else 1.0,
         d_sparse=density, sparse_steps=s.sparse_steps, full_passes=s.full_passes,

@@ -129,8 +129,38 @@ def fused_ops(x: torch.Tensor, *others: torch.Tensor):
     return None
 
 
+PASS_CHUNK = 512  # rows a layer computes at a time: a long prefill's activations stay this size
+
+
+def chunk_rows(rows: list[_Rows], lo: int, hi: int) -> list[_Rows]:
+    """The segments' shares of pass rows lo..hi-1, placed from 0 (positions and rope rows follow)."""
+    out = []
+    for r in rows:
+        a, b = max(r.lo, lo), min(r.hi, hi)
+        if a < b:
+            out.append(_Rows(r.cache, r.start + a - r.lo, a - lo, b - lo, r.cos[a - r.lo:b - r.lo],
+                             r.sin[a - r.lo:b - r.lo]))
+    return out
+
+
 def decoder_layer(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list[_Rows], index: int,
                   observe=None) -> torch.Tensor:
+    """One layer over the pass's rows x [N, H]. More than PASS_CHUNK rows run in chunks, one
+    after another, layer by layer: the weights are still read once per layer, and a chunk's
+    queries see the keys earlier chunks wrote (an observer sees each chunk's activations)."""
+    if x.shape[0] > PASS_CHUNK:
+        for lo in range(0, x.shape[0], PASS_CHUNK):
+            hi = min(lo + PASS_CHUNK, x.shape[0])
+            part = x[lo:hi]
+            out = _layer_rows(cfg, w, part, chunk_rows(rows, lo, hi), index, observe)
+            if out is not part:  # the fused ops update the rows in place
+                part.copy_(out)
+        return x
+    return _layer_rows(cfg, w, x, rows, index, observe)
+
+
+def _layer_rows(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rows: list[_Rows], index: int,
+                observe=None) -> torch.Tensor:
     ops = fused_ops(x, w.attn_norm, w.mlp_norm)
     if ops is not None:  # each norm one call, with the attention's residual add in the second;
         h = ops.rms_norm(x, w.attn_norm, cfg.rms_norm_eps)  # x, the pass's own residual stream,
@@ -170,7 +200,8 @@ def forward(
     """Run tokens [S] at positions start..start+S-1; fp32 logits [S or 1, V].
 
     Entries at and after `start` are overwritten, so a later pass can rewrite drafted positions.
-    observe_mlp(layer, a, z), if given, sees every layer's MLP activations.
+    observe_mlp(layer, a, z), if given, sees every layer's MLP activations (a long pass's in
+    several calls, each for consecutive rows: see `decoder_layer`).
     """
     return run_layers(forward_layers(cfg, weights, rope, cache, tokens, start, all_logits, observe_mlp))
 

@@ -20,6 +20,7 @@ import torch
 from ferry.kernels import gemv
 from ferry.model.config import ModelConfig
 from ferry.model.dequant import tile_numel
+from ferry.model.forward import PASS_CHUNK
 from ferry.kernels.int4pack import supported
 from ferry.model.packed import can_pack
 from ferry.model.quant import QuantConfig, QuantLayout, head_group
@@ -96,6 +97,18 @@ def packed_layer_bytes(cfg: ModelConfig, quant: QuantConfig, dtype_bytes: int, s
     return total
 
 
+def prefill_bytes(cfg: ModelConfig, b: int, ctx: int) -> int:
+    """Activations of a prefill over `ctx` tokens, which each layer computes PASS_CHUNK rows at a
+    time (`ferry.model.forward.decoder_layer`): the residual stream and its next value for every
+    row; for a chunk's rows, qkv, the attention output, gate, up, SiLU and their product, norms;
+    and its attention mask over up to ctx keys, repeated for the query heads of a KV head, with
+    the bias in the compute dtype a GPU's attention makes of it."""
+    rows, group = min(ctx, PASS_CHUNK), cfg.num_heads // cfg.num_kv_heads
+    chunk = rows * (cfg.q_size + 2 * cfg.kv_size + cfg.q_size + 4 * cfg.intermediate_size + 2 * cfg.hidden_size) * b
+    mask = rows * ctx * (1 + group * (1 + b))
+    return 2 * ctx * cfg.hidden_size * b + chunk + mask
+
+
 def part_bytes(cfg: ModelConfig, dtype_bytes: int, ctx: int, quant: QuantConfig, sparsity: float,
                device: str = "cpu") -> PartBytes:
     """Quantized layers add one dequantization tile in the compute dtype to the workspace
@@ -106,8 +119,7 @@ def part_bytes(cfg: ModelConfig, dtype_bytes: int, ctx: int, quant: QuantConfig,
     store = QuantLayout.for_config(cfg, quant) if quant.enabled else layout
     unit = 1 if quant.enabled else b  # the packed layout counts bytes
     embed = cfg.vocab_size * h * b
-    # Activations of a prefill over `ctx` tokens, plus a fixed allowance (logits, temporaries).
-    workspace = 16 * MiB + ctx * (cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size + 4 * h) * b
+    workspace = 16 * MiB + prefill_bytes(cfg, b, ctx)
     return PartBytes(
         layer=store.numel * unit,
         prefix=store.prefix_numel(kept_neurons(cfg.intermediate_size, sparsity)) * unit,

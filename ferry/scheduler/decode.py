@@ -29,6 +29,7 @@ class DecodeStats:
     prefill_s: float = 0.0
     reused_tokens: int = 0  # prompt tokens whose KV entries a previous sequence left (not prefilled)
     select_s: float = 0.0  # choosing and arranging the sparse set after the prefill
+    prefill_bytes: int = 0  # host -> device during the prefill and the sparse set's arranging
     decode_s: float = 0.0
     finish_reason: str = ""  # "stop", "length" or "context"
     steps: int = 0  # forward passes after the prefill (sparse steps + full passes)
