@@ -177,3 +177,40 @@ def test_cuda_graphs_equal_uncaptured_steps(options, tiny_model_dir, tmp_path, m
         want = generate(engine, False, prompt)
         got = generate(engine, None, prompt)  # automatic: captured on CUDA
         assert got.token_ids == want.token_ids
+
+
+def test_steps_from_copied_embedding_rows_equal_the_decode_step(tiny_model_dir):
+    """A plan that streams keeps the embeddings in host memory: the step's input row is copied
+    into the graphs' buffer (counted on the link) and the step starts from it, not from a
+    lookup inside the graph. Forced here on the CPU, where the embeddings sit on the device."""
+    engine = ferry.load(tiny_model_dir("llama3"), **CPU)
+    rt = engine.runtime
+    cfg, weights, rope = rt.model, rt.weights, rope_for(rt.model, 64, torch.float32, "cpu")
+    ids = torch.tensor(engine.encode(PROMPTS[1]))
+    caches = [KVCache(cfg, 64, torch.float32, torch.device("cpu")) for _ in range(2)]
+    for cache in caches:
+        prefill(cfg, weights, rope, cache, ids)
+    graphs = step_graphs.StepGraphs(cfg, rope, caches[1], copy_rows=True)
+    before = rt.link.stats().bytes
+    for step in range(5):
+        token = 11 + step
+        want = decode_one(cfg, weights, rope, caches[0], torch.tensor([token]))
+        got = graphs.step("full", weights, token, caches[1].length)
+        torch.testing.assert_close(got, want[-1], rtol=1e-5, atol=1e-5)
+        assert torch.equal(graphs.row[0], weights.embed[token])
+    assert rt.link.stats().bytes - before == 5 * cfg.hidden_size * 4  # one fp32 row a step
+    assert list(graphs.graphs) == [("full", 64, True)]  # one "graph": the span (the whole cache), from rows
+
+
+def test_static_step_starts_from_the_row_it_is_given(tiny_model_dir):
+    engine = ferry.load(tiny_model_dir("llama3"), **CPU)
+    rt = engine.runtime
+    cfg, weights, rope = rt.model, rt.weights, rope_for(rt.model, 64, torch.float32, "cpu")
+    caches = [KVCache(cfg, 64, torch.float32, torch.device("cpu")) for _ in range(2)]
+    for cache in caches:
+        prefill(cfg, weights, rope, cache, torch.tensor(engine.encode(PROMPTS[0])))
+    start = caches[0].length
+    want = decode_one(cfg, weights, rope, caches[0], torch.tensor([42]))
+    got = decode_static(cfg, weights, rope, caches[1], torch.tensor([7]), torch.tensor([start]), 64,
+                        row=weights.embed[42].view(1, -1))  # token 7's id, token 42's row
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

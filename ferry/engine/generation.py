@@ -221,8 +221,7 @@ def make_passes(rt: Runtime, full: ModelWeights, sparse: ModelWeights, ctx=None,
     if resident:
         sparse = replace(sparse, layers=sparse.layers.as_resident())
     step_graphs, full_resident = None, None
-    if graphs and rt.config.runtime.cuda_graphs and graphs_available(rt.device) \
-            and full.embed.device == ctx.cache.k.device:  # embeddings in host memory: a copy per token
+    if graphs and rt.config.runtime.cuda_graphs and graphs_available(rt.device):
         if rt.executor.moves_nothing(Kind.FULL):
             full_resident = replace(full, layers=full.layers.as_resident())
         if resident or full_resident is not None:  # some one-token step will replay

@@ -54,14 +54,15 @@ def _attention(cfg: ModelConfig, w: LayerWeights, h: torch.Tensor, cache: KVCach
 
 
 def decode_static(cfg: ModelConfig, weights: ModelWeights, rope: Rope, cache: KVCache, token: torch.Tensor,
-                  pos: torch.Tensor, span: int) -> torch.Tensor:
+                  pos: torch.Tensor, span: int, row: torch.Tensor | None = None) -> torch.Tensor:
     """Token [1] at position pos [1] (both on the device), attending over the cache's first
-    `span` positions (span > pos); writes its keys and values; fp32 logits [1, V]. The caller
-    moves `cache.length` (this function runs inside a captured graph, where Python state does
-    not change)."""
+    `span` positions (span > pos); writes its keys and values; fp32 logits [1, V]. row: the
+    token's embedding [1, H] on the device, for embeddings kept in host memory (the caller
+    copies it in). The caller moves `cache.length` (this function runs inside a captured
+    graph, where Python state does not change)."""
     mask = span_mask(cfg, pos, span).expand(cfg.num_heads // cfg.num_kv_heads, span)
     weights.layers.begin()
-    x = F.embedding(token, weights.embed)  # [1, H]
+    x = F.embedding(token, weights.embed) if row is None else row.clone()  # [1, H]; the norms update x in place
     rows = None if decode_gpu.usable(x, cache.k, rope.cos) else \
         (rope.cos.index_select(0, pos), rope.sin.index_select(0, pos))  # [1, head_dim] each
     for index in range(cfg.num_layers):

@@ -90,9 +90,10 @@ class LayerExecutor:
         if self.store.fetch_range(layer, self.prefetch.kind) is not None:
             self.prefetch.release()
 
-    def upload(self, host: torch.Tensor) -> torch.Tensor:
-        """Small host tensors (embedding rows): copied now, beside the prefetch queue, and counted."""
-        out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+    def upload(self, host: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Small host tensors (embedding rows): copied now, beside the prefetch queue, and counted
+        (into `out` when given: a captured step's input buffer)."""
+        out = torch.empty(host.shape, dtype=host.dtype, device=self.device) if out is None else out
         self.link.copy_now(out, host)
         return out
 
@@ -153,5 +154,5 @@ class PassView:
     def end(self) -> None:
         """The pass's last work is queued (a hook for ferry.profile's timed view)."""
 
-    def upload(self, host: torch.Tensor) -> torch.Tensor:
-        return self.executor.upload(host)
+    def upload(self, host: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.executor.upload(host, out)

@@ -3,7 +3,9 @@
 A step whose weights are all on the device (every layer resident for dense steps, the resident
 sparse set for sparse steps) runs `ferry.model.static_step.decode_static`, captured once per
 (kind of step, attention span) and replayed for every token: the token and its position are
-written into device buffers first, and the span grows in buckets of `BUCKET` positions. The
+written into device buffers first (with the embeddings in host memory, as a plan that streams
+keeps them, the token's embedding row is copied in instead), and the span grows in buckets of
+`BUCKET` positions. The
 graphs outlive a generation: the engine keeps them while its KV cache, rope tables and weight
 buffers stay where they are (`LayerStore.epoch` counts the moves; a Griffin reorder gathers rows
 in place on CUDA), so a conversation captures a few graphs, not a few per request. Passes that
@@ -72,15 +74,20 @@ class StepGraphs:
     """Captured decode steps over one KV cache and rope tables, valid while the store's `epoch`
     (weight buffers and what is read from them) stays as it was at construction."""
 
-    def __init__(self, cfg: ModelConfig, rope: Rope, cache: KVCache, epoch: int = 0):
+    def __init__(self, cfg: ModelConfig, rope: Rope, cache: KVCache, epoch: int = 0,
+                 copy_rows: bool | None = None):
         self.cfg, self.rope, self.cache, self.epoch = cfg, rope, cache, epoch
         device = cache.k.device
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        # embeddings in host memory (a plan that streams keeps them there): the token's row is
+        # copied into this buffer before each replay; copy_rows None: wherever that is so
+        self.row = torch.zeros(1, cfg.hidden_size, dtype=cache.k.dtype, device=device)
+        self.copy_rows = copy_rows
         self.device, self.eager = device, device.type != "cuda"
         self.pool = None if self.eager else torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[str, int], tuple[Callable[[], None], torch.Tensor]] = {}
-        self.held: dict[tuple[str, int], tuple] = {}  # eagerly: the weights' fingerprint at "capture"
+        self.graphs: dict[tuple[str, int, bool], tuple[Callable[[], None], torch.Tensor]] = {}
+        self.held: dict[tuple[str, int, bool], tuple] = {}  # eagerly: the weights' fingerprint at "capture"
 
     def _capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
         """A CUDA graph of fn on CUDA (eager replays if capture fails, with a warning); eager elsewhere."""
@@ -100,10 +107,14 @@ class StepGraphs:
         span = min(self.cache.capacity, (start // BUCKET + 1) * BUCKET)
         self.token.fill_(token)
         self.pos.fill_(start)
-        key = (kind, span)
+        from_row = weights.embed.device != self.device if self.copy_rows is None else self.copy_rows
+        if from_row:
+            weights.layers.upload(weights.embed[token].view(1, -1), out=self.row)
+        key = (kind, span, from_row)
         if key not in self.graphs:
+            row = self.row if from_row else None
             self.graphs[key] = self._capture(
-                lambda: decode_static(self.cfg, weights, self.rope, self.cache, self.token, self.pos, span))
+                lambda: decode_static(self.cfg, weights, self.rope, self.cache, self.token, self.pos, span, row))
             if self.eager:
                 self.held[key] = weight_fingerprint(self.cfg, weights)
         elif self.eager and weight_fingerprint(self.cfg, weights) != self.held[key]:
