@@ -32,7 +32,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ferry.engine.generation import Generation, Request, generation_stats, select_neurons, uses_griffin
-from ferry.engine.runtime import Runtime, thread_scope
+from ferry.engine.runtime import Context, Runtime, thread_scope
 from ferry.engine.text import Detokenizer, encode_prompt
 from ferry.errors import FerryError, SettingError
 from ferry.model.forward import Segment, forward_batch
@@ -77,7 +77,9 @@ class BatchRun:
     """Sequences decoding together on one runtime (see the module notes)."""
 
     def __init__(self, rt: Runtime):
-        rt.context.forget()  # a batch replaces the selection and the cache a next prompt could reuse
+        # a batch replaces the selection and the cache a next prompt could reuse: that cache is
+        # dropped, so its memory (planned once for the whole run) goes to the batch's caches
+        rt.context = Context()
         self.rt, self.seqs, self.rope = rt, [], None
         self.selected = False  # Griffin: the first prefill pass chose the neurons
         self.mode = rt.config.correction.mode

@@ -179,7 +179,9 @@ def ensure_context(rt: Runtime, prompt_len: int, max_new_tokens: int) -> Context
     if prompt_len > limit:
         hint = "" if fixed else " (load with a larger ctx)"
         raise FerryError(f"the prompt has {prompt_len} tokens, more than the context of {limit} tokens{hint}")
-    need = fixed or min(limit, prompt_len + max(max_new_tokens, 1))
+    # On a GPU the planned context at once: the plan reserved it, and growing would briefly hold
+    # two caches (and recapture the step graphs); on the CPU as the requests need it.
+    need = fixed or (limit if rt.device.type == "cuda" else min(limit, prompt_len + max(max_new_tokens, 1)))
     ctx = rt.context
     if ctx.cache is None or ctx.cache.capacity < need:
         ctx.graphs = None  # they hold the old cache: let it go before the new one is allocated
