@@ -116,8 +116,11 @@ def build_runtime(config: FerryConfig, tokenizer: Any = None) -> Runtime:
 
 
 def thread_scope(rt: Runtime):
-    """What a generation runs inside: torch's team fitted to the free cores (threads auto), or
-    nothing to do (a fixed count, set at load)."""
+    """What a generation runs inside: torch's team fitted to the free cores (threads auto); on a
+    GPU its device as the thread's current one (Triton launches there, whichever thread runs the
+    generation); else nothing to do (a fixed count, set at load)."""
+    if rt.device.type == "cuda":
+        return torch.cuda.device(rt.device)
     return fitted_threads() if rt.config.runtime.threads == "auto" and rt.device.type == "cpu" else nullcontext()
 
 

@@ -46,7 +46,7 @@ GPUS = {
     "l40": GpuPreset(48, 864, 4),
     "h100": GpuPreset(80, 3350, 5),  # SXM
     "h100-pcie": GpuPreset(80, 2000, 5),
-    "h200": GpuPreset(141, 4800, 5),
+    "h200": GpuPreset(140, 4800, 5),  # 143,771 MiB
 }
 
 

@@ -173,7 +173,7 @@ class LayerStore:
         and make SPARSE passes use the first `rows` of them; selected prefixes of the
         prefix-resident layers are (re)loaded onto the device."""
         self._forget_views()  # before replacing packed layers: cached views would keep the old ones alive
-        staging = None
+        staging, used_slot = None, None
         for layer, order in enumerate(orders):
             if layer in self.packed:
                 self.packed[layer] = self.packed[layer].reordered(order.to(self.device))
@@ -182,9 +182,12 @@ class LayerStore:
             flat = self.resident.get(layer, self.host.get(layer))
             bundle = flat[self.fmt.mlp_offset:].view(self.fmt.intermediate_size, -1)
             if staging is None or staging.device != bundle.device:
-                staging = self._scratch(bundle)
+                staging, slot = self._scratch(bundle)
+                used_slot = slot if slot is not None else used_slot
             gather_rows(bundle, order.to(bundle.device), staging)
             bundle.copy_(staging)  # in place: captured step graphs (step_graphs.py) stay valid
+        if used_slot is not None:  # the next copy into that slot waits for the gathers queued on it
+            self.slots.free(used_slot)
         n = self.layout.intermediate_size
         if rows != self.rows or self.thresholds is not None or rows == n:
             self.epoch += 1  # SPARSE passes read other rows (all selected: no prefix at all)
@@ -201,14 +204,15 @@ class LayerStore:
                                           after=self.link.compute_done()))
         self._forget_views()
 
-    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """Room for a copy of `like`: a streaming slot where one is on its device (idle now: the
-        caller drained the copies, and compute still reading it runs first on the same stream),
-        so a device full of resident layers needs no MLP's worth more; else a new buffer."""
-        for buf in self.slots.buffers if self.slots is not None else ():
+    def _scratch(self, like: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """Room for a copy of `like`, and the slot it is in: a streaming slot where one is on its
+        device (idle now: the caller drained the copies, and compute still reading it runs first
+        on the same stream), so a device full of resident layers needs no MLP's worth more; else
+        a new buffer (slot None)."""
+        for slot, buf in enumerate(self.slots.buffers if self.slots is not None else ()):
             if buf.device == like.device and buf.dtype == like.dtype and buf.numel() >= like.numel():
-                return buf[:like.numel()].view_as(like)
-        return torch.empty_like(like)
+                return buf[:like.numel()].view_as(like), slot
+        return torch.empty_like(like), None
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         """CATS: SPARSE passes use every neuron, skipping those under the layer's threshold."""

@@ -85,10 +85,10 @@ def host_empty(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on the device (a CUDA call returns before its kernels run):
-    before reading a clock that should include it."""
+    """Wait for the compute queued on the device (a CUDA call returns before its kernels run),
+    not for the copy stream's prefetches: before reading a clock that should include it."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 @dataclass
