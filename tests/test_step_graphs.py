@@ -23,15 +23,21 @@ PROMPTS = ["The capital of France", "def add(a, b):"]
 CPU = dict(dtype="fp32", device="cpu", ctx=64, progress=False)
 
 
-@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])  # mistral: a sliding window of 8
-def test_static_step_equals_the_decode_step(family, tiny_model_dir):
-    engine = ferry.load(tiny_model_dir(family), **CPU)
+def two_prefilled(folder, prompt: str):
+    """An fp32 CPU engine and two KV caches, each prefilled with the prompt: one for the plain
+    decode step, one for the static step. (engine, cfg, weights, rope, caches)"""
+    engine = ferry.load(folder, **CPU)
     rt = engine.runtime
     cfg, weights, rope = rt.model, rt.weights, rope_for(rt.model, 64, torch.float32, "cpu")
-    ids = torch.tensor(engine.encode(PROMPTS[0]))
     caches = [KVCache(cfg, 64, torch.float32, torch.device("cpu")) for _ in range(2)]
     for cache in caches:
-        prefill(cfg, weights, rope, cache, ids)
+        prefill(cfg, weights, rope, cache, torch.tensor(engine.encode(prompt)))
+    return engine, cfg, weights, rope, caches
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])  # mistral: a sliding window of 8
+def test_static_step_equals_the_decode_step(family, tiny_model_dir):
+    _, cfg, weights, rope, caches = two_prefilled(tiny_model_dir(family), PROMPTS[0])
     token, pos = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     for step in range(12):  # past the window, and across a span boundary (16)
         start = caches[0].length
@@ -183,13 +189,8 @@ def test_steps_from_copied_embedding_rows_equal_the_decode_step(tiny_model_dir):
     """A plan that streams keeps the embeddings in host memory: the step's input row is copied
     into the graphs' buffer (counted on the link) and the step starts from it, not from a
     lookup inside the graph. Forced here on the CPU, where the embeddings sit on the device."""
-    engine = ferry.load(tiny_model_dir("llama3"), **CPU)
+    engine, cfg, weights, rope, caches = two_prefilled(tiny_model_dir("llama3"), PROMPTS[1])
     rt = engine.runtime
-    cfg, weights, rope = rt.model, rt.weights, rope_for(rt.model, 64, torch.float32, "cpu")
-    ids = torch.tensor(engine.encode(PROMPTS[1]))
-    caches = [KVCache(cfg, 64, torch.float32, torch.device("cpu")) for _ in range(2)]
-    for cache in caches:
-        prefill(cfg, weights, rope, cache, ids)
     graphs = step_graphs.StepGraphs(cfg, rope, caches[1], copy_rows=True)
     before = rt.link.stats().bytes
     for step in range(5):
@@ -203,12 +204,7 @@ def test_steps_from_copied_embedding_rows_equal_the_decode_step(tiny_model_dir):
 
 
 def test_static_step_starts_from_the_row_it_is_given(tiny_model_dir):
-    engine = ferry.load(tiny_model_dir("llama3"), **CPU)
-    rt = engine.runtime
-    cfg, weights, rope = rt.model, rt.weights, rope_for(rt.model, 64, torch.float32, "cpu")
-    caches = [KVCache(cfg, 64, torch.float32, torch.device("cpu")) for _ in range(2)]
-    for cache in caches:
-        prefill(cfg, weights, rope, cache, torch.tensor(engine.encode(PROMPTS[0])))
+    _, cfg, weights, rope, caches = two_prefilled(tiny_model_dir("llama3"), PROMPTS[0])
     start = caches[0].length
     want = decode_one(cfg, weights, rope, caches[0], torch.tensor([42]))
     got = decode_static(cfg, weights, rope, caches[1], torch.tensor([7]), torch.tensor([start]), 64,
