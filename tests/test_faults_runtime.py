@@ -104,19 +104,19 @@ class FakeCudart:
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    from ferry.offload import transfer
+    from ferry.offload import pinned
 
     fake = FakeCudart()
-    monkeypatch.setattr(transfer, "_cudart", lambda: fake)
-    monkeypatch.setattr(transfer.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(transfer, "_pin_warned", False)
+    monkeypatch.setattr(pinned, "_cudart", lambda: fake)
+    monkeypatch.setattr(pinned.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pinned, "_pin_warned", False)
     return fake
 
 
 def test_pinned_host_buffer_locks_exactly_its_bytes_and_unlocks_when_freed(fake_cuda):
     import gc
 
-    from ferry.offload.transfer import host_empty
+    from ferry.offload.pinned import host_empty
 
     numel = 3 * (1 << 20) + 7  # just past a power of two: the caching allocator would take 8 MiB
     flat = host_empty(numel, torch.bfloat16, pin=True)
@@ -133,7 +133,7 @@ def test_pinned_host_buffer_locks_exactly_its_bytes_and_unlocks_when_freed(fake_
 
 
 def test_refused_pinning_falls_back_to_pageable_with_one_warning(fake_cuda):
-    from ferry.offload.transfer import host_empty
+    from ferry.offload.pinned import host_empty
 
     fake_cuda.error = 2  # cudaErrorMemoryAllocation
     with pytest.warns(UserWarning, match="pinning host memory failed"):
@@ -146,7 +146,7 @@ def test_refused_pinning_falls_back_to_pageable_with_one_warning(fake_cuda):
 
 
 def test_unpinned_host_buffer_registers_nothing(fake_cuda):
-    from ferry.offload.transfer import host_empty
+    from ferry.offload.pinned import host_empty
 
     assert host_empty(1000, torch.float16, pin=False).numel() == 1000
     assert fake_cuda.registered == []

@@ -13,7 +13,7 @@ from ferry.cli import main
 from ferry.errors import FerryError
 from ferry.model.config import ModelConfig
 from ferry.model.forward import decode_one, forward, prefill
-from ferry.offload import transfer
+from ferry.offload import pinned
 from ferry.offload.checkpoint import load_hf_config
 from ferry.offload.planner import OffloadConfig, make_plan, parse_size
 from ferry.offload.sources import resolve_config
@@ -107,12 +107,12 @@ def test_pinning_failure_falls_back_with_one_warning(monkeypatch):
             raise RuntimeError("cannot pin: locked-memory limit")
         return real_empty(*args, **kwargs)
 
-    monkeypatch.setattr(transfer.torch, "empty", empty)
-    monkeypatch.setattr(transfer, "_pin_warned", False)
+    monkeypatch.setattr(pinned.torch, "empty", empty)
+    monkeypatch.setattr(pinned, "_pin_warned", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        a = transfer.host_empty(10, torch.float32, pin=True)
-        b = transfer.host_empty(10, torch.float32, pin=True)
+        a = pinned.host_empty(10, torch.float32, pin=True)
+        b = pinned.host_empty(10, torch.float32, pin=True)
     assert a.shape == b.shape == (10,) and not a.is_pinned()
     assert len([w for w in caught if "pinning host memory failed" in str(w.message)]) == 1
 

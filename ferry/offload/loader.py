@@ -23,7 +23,8 @@ from ferry.offload.pack import pack_layer
 from ferry.offload.planner import Plan
 from ferry.offload.quant_store import load_quantized_layers
 from ferry.offload.executor import LayerExecutor, PassView
-from ferry.offload.transfer import Link, host_empty
+from ferry.offload.pinned import host_empty
+from ferry.offload.transfer import Link
 from ferry.kernels.quant import pick_backend
 
 

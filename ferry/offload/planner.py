@@ -91,7 +91,7 @@ class Plan:
     @property
     def pinned_bytes(self) -> int:
         """Host memory the loader page-locks: the streamed layers' buffers on a CUDA device (each
-        locked at its exact size, see `transfer.host_empty`), 0 elsewhere. Embeddings kept in host
+        locked at its exact size, see `pinned.host_empty`), 0 elsewhere. Embeddings kept in host
         memory are not pinned (one row per token moves), so they are not counted here."""
         if not self.device.startswith("cuda"):
             return 0

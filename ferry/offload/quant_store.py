@@ -32,7 +32,7 @@ from ferry.offload import cache_files
 from ferry.offload.checkpoint import Checkpoint, TensorReader
 from ferry.offload.pack import pack_quant_layer
 from ferry.offload.sources import cache_dir
-from ferry.offload.transfer import host_empty
+from ferry.offload.pinned import host_empty
 
 FORMAT = 5  # bump when the byte layout changes (5: records padded to 16 bytes)
 MAGIC = b"FERRYQ04"
