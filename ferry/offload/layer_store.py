@@ -183,7 +183,7 @@ class LayerStore:
             bundle = flat[self.fmt.mlp_offset:].view(self.fmt.intermediate_size, -1)
             if staging is None or staging.device != bundle.device:
                 staging, slot = self._scratch(bundle)
-                used_slot = slot if slot is not None else used_slot
+                used_slot = used_slot if slot is None else slot
             gather_rows(bundle, order.to(bundle.device), staging)
             bundle.copy_(staging)  # in place: captured step graphs (step_graphs.py) stay valid
         if used_slot is not None:  # the next copy into that slot waits for the gathers queued on it

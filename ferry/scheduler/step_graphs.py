@@ -5,11 +5,10 @@ sparse set for sparse steps) runs `ferry.model.static_step.decode_static`, captu
 (kind of step, attention span) and replayed for every token: the token and its position are
 written into device buffers first (with the embeddings in host memory, as a plan that streams
 keeps them, the token's embedding row is copied in instead), and the span grows in buckets of
-`BUCKET` positions. The
-graphs outlive a generation: the engine keeps them while its KV cache, rope tables and weight
-buffers stay where they are (`LayerStore.epoch` counts the moves; a Griffin reorder gathers rows
-in place on CUDA), so a conversation captures a few graphs, not a few per request. Passes that
-stream (correction chunks, prefills) keep their copy stream and events and run as before.
+`BUCKET` positions. The graphs outlive a generation: the engine keeps them while its KV cache,
+rope tables and weight buffers stay where they are (`LayerStore.epoch` counts the moves; a
+Griffin reorder gathers rows in place on CUDA), so a conversation captures a few graphs, not a
+few per request. Passes that stream (correction chunks, prefills) keep their copy stream and events and run as before.
 
 `ENABLED`: None captures on CUDA; True also runs the static step on other devices, eagerly (no
 capture: what the tests compare with `forward`'s step). Eagerly, each step also checks that the
