@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ferry.kernels.int4pack import BLOCK, int4_linear, int4_matrix, int8_matrix, layout_matches, pack, supported, unpack
+from ferry.kernels.int4pack import (BLOCK, int4_linear, int4_matrix, int8_matrix, layout_matches, pack, permute_rows,
+                                   supported, unpack)
+from ferry.sparse.griffin import griffin_order
 from ferry.kernels.quant import Grouped
 
 pytestmark = pytest.mark.skipif(not layout_matches(), reason="this torch packs int4 differently")
@@ -78,3 +80,28 @@ def test_supported_shapes():
     assert not supported(72, 64, 32, cpu)  # rows a multiple of 16
     assert not supported(64, 96, 48, cpu)  # group 48 has no kernel
     assert not supported(64, 64, 32, torch.device("meta"))
+
+
+@pytest.mark.parametrize("n,k", [(64, 32), (192, 96), (512, 256)])
+@pytest.mark.parametrize("kind", ["random", "griffin", "identity"])
+def test_permute_rows_is_unpack_index_pack(n, k, kind):
+    g = torch.Generator().manual_seed(n + k)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    order = {"random": torch.randperm(n, generator=g), "identity": torch.arange(n),
+             "griffin": griffin_order(torch.rand(n, generator=g), n // 3)}[kind]
+    packed = pack(codes)
+    got = permute_rows(packed, order)
+    assert torch.equal(got, pack(unpack(packed)[order]))
+    assert torch.equal(unpack(got), codes[order])
+
+
+def test_permute_rows_refuses_what_it_cannot_do():
+    packed = pack(torch.zeros(128, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError):
+        permute_rows(packed[:96], torch.arange(96))  # not whole blocks
+    with pytest.raises(ValueError):
+        permute_rows(packed, torch.arange(64))  # one index a row
+    with pytest.raises(ValueError):
+        permute_rows(packed, torch.arange(128) + 1)  # past the last row
+    with pytest.raises(ValueError):
+        permute_rows(packed, -torch.arange(128))  # before the first

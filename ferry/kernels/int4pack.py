@@ -18,7 +18,8 @@ ferry's groups map onto it without loss of the codes:
 Packed layout (checked against torch's own packing by `layout_matches`): rows in blocks of 64;
 byte [k, i] of block b holds row 64 b + i (low nibble) and row 64 b + 32 + i (high nibble) at
 column k. A prefix of whole blocks is therefore a byte prefix, which is what a sparse step over
-the first neurons uses; `pack`/`unpack` let a reorder permute rows without torch's int32 path.
+the first neurons uses. `permute_rows` reorders rows packed to packed (Griffin's reorder, once per
+prompt); `pack(unpack(packed)[order])` is its reference.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numba
+import numpy as np
 import torch
+
+from ferry.kernels.threads import run_parallel
 
 GROUPS = (32, 64, 128, 256)
 BLOCK = 64  # rows per packed block
@@ -78,6 +83,41 @@ def pack_any(codes: torch.Tensor) -> torch.Tensor:
     if codes.shape[0] % BLOCK == 0:
         return pack(codes)
     return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+
+
+def permute_rows(packed: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows `order` of packed codes [N, K / 2] (N a multiple of 64), as a new packed tensor: what
+    `pack(unpack(packed)[order])` gives, in one pass over the bytes with no [N, K] temporaries.
+    (At Llama-3-8B's gate, 14336 x 4096, that path takes about 95 ms on 2 cores.)"""
+    n, half = packed.shape
+    if n % BLOCK or order.shape != (n,) or packed.dtype != torch.uint8 or not packed.is_contiguous():
+        raise ValueError(f"permute_rows: contiguous uint8 codes of whole {BLOCK}-row blocks and one index a row "
+                         f"(got {tuple(packed.shape)} {packed.dtype}, order {tuple(order.shape)})")
+    index = order.to(torch.int64).numpy()
+    if n and not (0 <= index.min() and index.max() < n):
+        raise ValueError(f"permute_rows: a row index outside 0..{n - 1}")
+    out = torch.empty_like(packed)
+    blocks = (n // BLOCK, half * 2, BLOCK // 2)
+    run_parallel(_permute_blocks, packed.numpy().reshape(blocks), index, out.numpy().reshape(blocks))
+    return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _permute_blocks(src: np.ndarray, order: np.ndarray, out: np.ndarray) -> None:
+    """out's block b, byte [k, i]: row order[64 b + i] (low nibble) and row order[64 b + 32 + i]
+    (high) at column k; a row r lives in block r // 64, lane r % 32, nibble (r % 64) // 32."""
+    columns, lanes = src.shape[1], src.shape[2]
+    flat = src.reshape(-1)
+    for b in numba.prange(out.shape[0]):
+        rows = order[b * 2 * lanes:(b + 1) * 2 * lanes]
+        at = (rows // (2 * lanes)) * columns * lanes + rows % lanes  # the row's byte at column 0
+        shift = 4 * ((rows % (2 * lanes)) // lanes)
+        for k in range(columns):
+            for i in range(lanes):
+                lo = (flat[at[i]] >> shift[i]) & 15
+                hi = (flat[at[lanes + i]] >> shift[lanes + i]) & 15
+                out[b, k, i] = lo | (hi << 4)
+            at += lanes
 
 
 @lru_cache(maxsize=None)

@@ -57,8 +57,8 @@ class PackedMatrix:
 
     def permuted(self, order: torch.Tensor) -> "PackedMatrix":
         """Rows in `order` (whole blocks only)."""
-        return PackedMatrix(tuple(Int4Matrix(int4pack.pack(int4pack.unpack(p.packed)[order]),
-                                             p.table[:, order].contiguous(), p.group) for p in self.parts))
+        return PackedMatrix(tuple(Int4Matrix(int4pack.permute_rows(p.packed, order),
+                                             torch.index_select(p.table, 1, order), p.group) for p in self.parts))
 
 
 def packed_matrix(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
