@@ -8,7 +8,8 @@ nothing downloaded; reused once written), loads it six ways, every layer residen
 their decode steps in interleaved runs. For each step: ms, the bytes it reads (the plan's), the
 GB/s that makes, and its time against those bytes divided by the measured read bandwidth (a
 sum over 1 GiB of fp32, timed in every run beside the steps); for each weight format, the sparse
-step's rate per byte read against the dense step's.
+step's rate per byte read against the dense step's, and the time a prompt's neuron selection
+takes (Griffin's reorder of every layer).
 
     python bench/wide_steps.py [--runs 5] [--new-tokens 16] [--sparsity 0.5] [--threads N]
 """
@@ -65,17 +66,21 @@ def main() -> None:
     for engine in engines.values():  # warm every path
         engine.generate(prompt, max_new_tokens=2, ignore_eos=True, chat=False)
     seconds = {key: [] for key in engines}
+    select = {key: [] for key in engines if key[1] == "sparse"}
     data, reads = torch.ones(1 << 28), []  # 1 GiB
     for run in range(args.runs):
         reads.append(read_gbps(data))
         for key, engine in engines.items():
             st = engine.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True, chat=False).stats
             seconds[key].append(st.decode_s / max(1, st.new_tokens - 1))
+            if key in select:
+                select[key].append(st.select_s)
         log(f"run {run + 1}/{args.runs}")
-    report(args, engines, {key: statistics.median(s) for key, s in seconds.items()}, statistics.median(reads))
+    report(args, engines, {key: statistics.median(s) for key, s in seconds.items()}, statistics.median(reads),
+           {fmt: statistics.median(s) for (fmt, _), s in select.items()})
 
 
-def report(args, engines: dict, step_s: dict, read_gbps: float) -> None:
+def report(args, engines: dict, step_s: dict, read_gbps: float, select_s: dict) -> None:
     s = SHAPES[SHAPE]
     print(f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}; random model, "
           f"hidden {s['hidden_size']}, intermediate {s['intermediate_size']}, {s['num_hidden_layers']} layers, "
@@ -94,8 +99,9 @@ def report(args, engines: dict, step_s: dict, read_gbps: float) -> None:
     for fmt in FORMATS:
         dense, sparse = rows[f"{fmt} dense"], rows[f"{fmt} sparse"]
         speed, frac = dense["s"] / sparse["s"], sparse["bytes_read"] / dense["bytes_read"]
-        ratios[fmt] = dict(step_ratio=speed, bytes_fraction=frac, per_byte=speed * frac)
-        print(f"{fmt}: sparse/dense step rate {speed:.2f}x reading {frac:.2f} of the bytes: {speed * frac:.2f} per byte")
+        ratios[fmt] = dict(step_ratio=speed, bytes_fraction=frac, per_byte=speed * frac, select_s=select_s[fmt])
+        print(f"{fmt}: sparse/dense step rate {speed:.2f}x reading {frac:.2f} of the bytes: {speed * frac:.2f} per byte; "
+              f"selection {select_s[fmt] * 1e3:.0f} ms")
     print(json.dumps(dict(bench="wide_steps", shape=s, read_gbps=read_gbps, steps=rows, sparse=ratios,
                           threads=torch.get_num_threads(), runs=args.runs, new_tokens=args.new_tokens)))
 
