@@ -4,8 +4,10 @@ its output equals a cold run's (fp32 tiny models: dense greedy, strict Sirius wi
 from __future__ import annotations
 
 import pytest
+import torch
 
 import ferry
+from ferry.model.quant import QuantConfig
 from ferry.offload.planner import make_plan
 from helpers import streaming_budget
 
@@ -98,3 +100,51 @@ def test_conversation_on_the_default_model_reuses_the_previous_turn():
     # The template's system prompt and the first turn are not computed again.
     assert two.stats.reused_tokens >= one.stats.prompt_tokens
     assert two.stats.prompt_tokens - two.stats.reused_tokens < 24
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_device_prefixes_follow_each_reorder_copying_only_moved_records(quant, tiny_model_dir):
+    """After every selection, a prefix-resident layer's device prefix equals its host buffer's
+    first records. A turn extending the last one moves few neurons, and its selection copies
+    less than the whole prefixes; a new prompt's moves more."""
+    folder = tiny_model_dir("qwen2")
+    model = ferry.load(folder, dtype="fp32", ctx=96, progress=False).model
+    plan = make_plan(model, dtype_bytes=4, budget_bytes=1 << 40, host_available_bytes=1 << 40, ctx=96, sparsity=0.5,
+                     quant=QuantConfig(method=quant, group_size=32))
+    fixed = plan.kv_cache_bytes + plan.workspace_bytes + plan.norm_bytes + (plan.lm_head_bytes or plan.embed_bytes)
+    budget = fixed + 2 * plan.layer_bytes + 2 * plan.prefix_bytes + 64  # two slots, two selected sets
+    options = dict(quant=quant, quant_group=32) if quant != "none" else {}
+    engine = ferry.load(folder, dtype="fp32", ctx=96, progress=False, sparsity=0.5, gpu_memory=budget, **options)
+    store = engine.runtime.executor.store
+    assert len(store.prefix_layers) == 2, engine.plan
+    copied = []  # elements copied to the device by each selection
+    reorder, copy = store.reorder_neurons, store.link.copy
+
+    def counted_reorder(*args):
+        copied.append(0)
+
+        def counted_copy(dst, src, **kw):
+            copied[-1] += dst.numel()
+            return copy(dst, src, **kw)
+        store.link.copy = counted_copy
+        try:
+            reorder(*args)
+        finally:
+            store.link.copy = copy
+    store.reorder_neurons = counted_reorder
+
+    def prefixes_match():
+        size = store.fmt.prefix_numel(store.rows)
+        return all(torch.equal(store.prefix_buffers[layer].cpu(), store.host[layer][:size])
+                   for layer in store.prefix_layers)
+
+    one = engine.generate(FIRST, max_new_tokens=N, chat=False, ignore_eos=True)
+    assert prefixes_match()
+    whole = len(store.prefix_layers) * store.fmt.prefix_numel(store.rows)
+    assert copied == [whole]  # new prefixes: copied whole
+    engine.generate(FIRST + one.text + " three four", max_new_tokens=2, chat=False, ignore_eos=True)
+    assert prefixes_match()
+    engine.generate("def add(a, b): return a + b", max_new_tokens=2, chat=False, ignore_eos=True)
+    assert prefixes_match()
+    follow_up, new_prompt = copied[1:]
+    assert follow_up < new_prompt < whole  # the attention part is never copied again

@@ -1,4 +1,4 @@
-"""Neuron selection (Griffin, CATS) against straightforward references; the row-gather kernel."""
+"""Neuron selection (Griffin, CATS) against straightforward references; the row gather and scatter kernels."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ferry.kernels.gather import gather_rows, gather_rows_reference
+from ferry.kernels.gather import gather_rows, gather_rows_reference, moved_rows, scatter_rows, scatter_rows_reference
 from ferry.sparse.cats import cats_mask, sample_abs, threshold_for
 from ferry.offload.accounting import kept_neurons
 from ferry.sparse.griffin import griffin_order, griffin_scores
@@ -29,12 +29,27 @@ def test_griffin_scores_ignore_token_scale():
     torch.testing.assert_close(griffin_scores(z), griffin_scores(scaled))
 
 
-def test_griffin_order_puts_the_top_k_first():
+def test_griffin_order_puts_the_top_k_first_with_fewest_moves():
     scores = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.0, 0.5])
     order = griffin_order(scores, 3)
     assert sorted(order.tolist()) == list(range(6))  # a permutation
-    assert order[:3].tolist() == [1, 3, 5]  # the top 3, in their order
-    assert order[3:].tolist() == [0, 2, 4]
+    # 1 stays; 0 and 2 (unchosen, inside) trade with 3 and 5 (chosen, beyond), in ascending order
+    assert order.tolist() == [3, 1, 5, 0, 4, 2]
+    assert moved_rows(order).tolist() == [0, 2, 3, 5]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_griffin_order_moves_only_what_it_must(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, k = 200, 70
+    scores = torch.rand(n, generator=g)
+    order = griffin_order(scores, k)
+    top = set(torch.topk(scores, k).indices.tolist())
+    assert sorted(order.tolist()) == list(range(n))
+    assert set(order[:k].tolist()) == top  # the chosen ones fill the prefix
+    beyond = sum(1 for j in top if j >= k)
+    assert moved_rows(order).numel() == 2 * beyond  # each chosen one beyond trades with one inside
+    assert moved_rows(griffin_order(scores[order], k)).numel() == 0  # chosen again: nothing moves
 
 
 @pytest.mark.parametrize("sparsity, size, kept", [(0.5, 1536, 768), (0.0, 1536, 1536), (0.3, 10, 7), (0.99, 10, 1)])
@@ -71,6 +86,36 @@ def test_gather_rows_kernel_matches_torch(dtype):
 def test_gather_rows_rejects_mismatched_buffers():
     with pytest.raises(ValueError):
         gather_rows(torch.randn(4, 3), torch.arange(4), torch.empty(4, 3, dtype=torch.float16))
+    with pytest.raises(ValueError):
+        gather_rows(torch.randn(4, 3), torch.arange(3), torch.empty(4, 3))  # an index a row of out
+    with pytest.raises(ValueError):
+        gather_rows(torch.randn(4, 3), torch.tensor([0, 1, 2, 4]), torch.empty(4, 3))  # past src
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_scatter_rows_kernel_matches_torch(dtype):
+    g = torch.Generator().manual_seed(3)
+    out = torch.randint(0, 100, (300, 40), generator=g).to(dtype)
+    index = torch.randperm(300, generator=g)[:120]
+    src = torch.randint(0, 100, (120, 40), generator=g).to(dtype)
+    fast = scatter_rows(src, index, out.clone())
+    assert torch.equal(fast, scatter_rows_reference(src, index, out.clone()))
+    assert torch.equal(fast[index[7]], src[7])
+    untouched = torch.ones(300, dtype=torch.bool)
+    untouched[index] = False
+    assert torch.equal(fast[untouched], out[untouched])
+
+
+def test_scatter_rows_rejects_what_it_cannot_do():
+    out = torch.zeros(10, 4)
+    with pytest.raises(ValueError):
+        scatter_rows(torch.zeros(2, 4), torch.tensor([3, 10]), out)  # past the last row
+    with pytest.raises(ValueError):
+        scatter_rows(torch.zeros(2, 4), torch.tensor([-1, 2]), out)
+    with pytest.raises(ValueError):
+        scatter_rows(torch.zeros(2, 5), torch.tensor([1, 2]), out)  # another width
+    with pytest.raises(ValueError):
+        scatter_rows(torch.zeros(3, 4), torch.tensor([1, 2]), out)  # a row without an index
 
 
 def test_parallel_kernels_leave_torchs_thread_count_alone():

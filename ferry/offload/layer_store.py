@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ferry.kernels.gather import gather_rows
+from ferry.kernels.gather import gather_rows, moved_rows, scatter_rows
 from ferry.model.dequant import converted_vectors, quant_views, tile_numel, vector_buffers, vector_jobs
 from ferry.model.packed import PackedLayer, can_pack, pack_layer
 from ferry.model.quant import QuantLayout
@@ -171,10 +171,15 @@ class LayerStore:
     def reorder_neurons(self, orders: Sequence[torch.Tensor], rows: int) -> None:
         """Put each layer's selected neurons first (orders[i] is a permutation of the neurons)
         and make SPARSE passes use the first `rows` of them; selected prefixes of the
-        prefix-resident layers are (re)loaded onto the device."""
+        prefix-resident layers are (re)loaded onto the device. Only the rows an order moves are
+        copied, on the host and to the device."""
         self._forget_views()  # before replacing packed layers: cached views would keep the old ones alive
+        moved = [moved_rows(order) for order in orders]
+        most = max((places.numel() for layer, places in enumerate(moved) if layer not in self.packed), default=0)
         staging, used_slot = None, None
-        for layer, order in enumerate(orders):
+        for layer, (order, places) in enumerate(zip(orders, moved)):
+            if not places.numel():
+                continue
             if layer in self.packed:
                 self.packed[layer] = self.packed[layer].reordered(order.to(self.device))
                 self.epoch += 1
@@ -182,10 +187,12 @@ class LayerStore:
             flat = self.resident.get(layer, self.host.get(layer))
             bundle = flat[self.fmt.mlp_offset:].view(self.fmt.intermediate_size, -1)
             if staging is None or staging.device != bundle.device:
-                staging, slot = self._scratch(bundle)
+                staging, slot = self._scratch(bundle, most)
                 used_slot = used_slot if slot is None else slot
-            gather_rows(bundle, order.to(bundle.device), staging)
-            bundle.copy_(staging)  # in place: captured step graphs (step_graphs.py) stay valid
+            held = staging[:places.numel()]
+            # in place, moved rows only: captured step graphs (step_graphs.py) stay valid
+            gather_rows(bundle, order[places].to(bundle.device), held)
+            scatter_rows(held, places.to(bundle.device), bundle)
         if used_slot is not None:  # the next copy into that slot waits for the gathers queued on it
             self.slots.free(used_slot)
         n = self.layout.intermediate_size
@@ -194,25 +201,38 @@ class LayerStore:
         if rows == n:  # nothing is selected out: no prefix worth keeping
             self.prefix_buffers.clear()
         self.rows, self.thresholds = rows, None
-        prefix = self.fmt.prefix_numel(rows)
         for layer in self.prefix_layers if rows < n else ():
-            if layer not in self.prefix_buffers:
-                self.prefix_buffers[layer] = torch.empty(prefix, dtype=self.fmt_dtype, device=self.device)
-                self.epoch += 1
-            # after the compute queued so far: a new buffer may reuse memory it still reads
-            self.link.wait(self.link.copy(self.prefix_buffers[layer], self.host[layer][:prefix],
-                                          after=self.link.compute_done()))
+            self._load_prefix(layer, moved[layer])
         self._forget_views()
 
-    def _scratch(self, like: torch.Tensor) -> tuple[torch.Tensor, int | None]:
-        """Room for a copy of `like`, and the slot it is in: a streaming slot where one is on its
-        device (idle now: the caller drained the copies, and compute still reading it runs first
-        on the same stream), so a device full of resident layers needs no MLP's worth more; else
-        a new buffer (slot None)."""
+    def _load_prefix(self, layer: int, moved: torch.Tensor) -> None:
+        """Bring a layer's device prefix up to date with its host buffer, just reordered (`moved`:
+        the places that changed): a new prefix is copied whole; one already there gets the span
+        of records from the first to the last moved one inside it, if any."""
+        size, buffer = self.fmt.prefix_numel(self.rows), self.prefix_buffers.get(layer)
+        if buffer is None or buffer.numel() != size:
+            buffer = self.prefix_buffers[layer] = torch.empty(size, dtype=self.fmt_dtype, device=self.device)
+            self.epoch += 1
+            start, end = 0, size
+        else:
+            inside = moved[moved < self.rows]
+            if not inside.numel():
+                return
+            start, end = self.fmt.prefix_numel(int(inside[0])), self.fmt.prefix_numel(int(inside[-1]) + 1)
+        # after the compute queued so far: a new buffer may reuse memory it still reads
+        self.link.wait(self.link.copy(buffer[start:end], self.host[layer][start:end], after=self.link.compute_done()))
+
+    def _scratch(self, like: torch.Tensor, rows: int) -> tuple[torch.Tensor, int | None]:
+        """Room for `rows` rows of `like`, and the slot it is in: a streaming slot where one is on
+        its device (idle now: the caller drained the copies, and compute still reading it runs
+        first on the same stream), so a device full of resident layers needs no more memory;
+        else a new buffer (slot None)."""
+        shape = (rows,) + tuple(like.shape[1:])
+        numel = rows * like[0].numel()
         for slot, buf in enumerate(self.slots.buffers if self.slots is not None else ()):
-            if buf.device == like.device and buf.dtype == like.dtype and buf.numel() >= like.numel():
-                return buf[:like.numel()].view_as(like), slot
-        return torch.empty_like(like), None
+            if buf.device == like.device and buf.dtype == like.dtype and buf.numel() >= numel:
+                return buf[:numel].view(shape), slot
+        return torch.empty(shape, dtype=like.dtype, device=like.device), None
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         """CATS: SPARSE passes use every neuron, skipping those under the layer's threshold."""
