@@ -35,24 +35,23 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> to
     """Gather rows of src [R, C] (contiguous) into the preallocated out [len(index), C]."""
     if src.device.type != "cpu":
         return gather_rows_reference(src, index, out)
-    _check(src, out, index)
-    run_parallel(_gather_bytes, _rows_bytes(src), index.numpy().astype(np.int64, copy=False), _rows_bytes(out))
-    return out
+    return _run(_gather_bytes, src, index, out, indexed=src)
 
 
-def _check(indexed: torch.Tensor, listed: torch.Tensor, index: torch.Tensor) -> None:
-    """What the kernels assume (they check no bounds): contiguous rows of one dtype and width,
-    `listed` holding one row per index, every index a row of `indexed`."""
-    if not (indexed.is_contiguous() and listed.is_contiguous()) or indexed.dtype != listed.dtype:
+def _run(kernel, src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, indexed: torch.Tensor) -> torch.Tensor:
+    """Check what the kernels assume (they check no bounds), then run one on the raw bytes:
+    contiguous rows of one dtype and width, one index per row of the other tensor than
+    `indexed`, every index a row of `indexed`."""
+    listed = out if indexed is src else src
+    if not (src.is_contiguous() and out.is_contiguous()) or src.dtype != out.dtype:
         raise ValueError("gather_rows/scatter_rows need contiguous src/out of the same dtype")
-    if indexed.shape[1:] != listed.shape[1:] or index.shape != (listed.shape[0],):
-        raise ValueError(f"rows of {tuple(indexed.shape)} and {tuple(listed.shape)} by {tuple(index.shape)} indices")
+    if src.shape[1:] != out.shape[1:] or index.shape != (listed.shape[0],):
+        raise ValueError(f"rows of {tuple(src.shape)} and {tuple(out.shape)} by {tuple(index.shape)} indices")
     if index.numel() and not (0 <= int(index.min()) and int(index.max()) < indexed.shape[0]):
         raise ValueError(f"a row index outside 0..{indexed.shape[0] - 1}")
-
-
-def _rows_bytes(t: torch.Tensor) -> np.ndarray:
-    return t.view(torch.uint8).numpy().reshape(t.shape[0], -1)
+    rows = [t.view(torch.uint8).numpy().reshape(t.shape[0], -1) for t in (src, out)]
+    run_parallel(kernel, rows[0], index.numpy().astype(np.int64, copy=False), rows[1])
+    return out
 
 
 def scatter_rows_reference(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -63,9 +62,7 @@ def scatter_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> t
     """Write the rows of src [len(index), C] into out [R, C] at rows `index` (distinct, in range)."""
     if out.device.type != "cpu":
         return scatter_rows_reference(src, index, out)
-    _check(out, src, index)
-    run_parallel(_scatter_bytes, _rows_bytes(src), index.numpy().astype(np.int64, copy=False), _rows_bytes(out))
-    return out
+    return _run(_scatter_bytes, src, index, out, indexed=out)
 
 
 def moved_rows(order: torch.Tensor) -> torch.Tensor:
