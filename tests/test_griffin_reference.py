@@ -27,20 +27,21 @@ def masked_greedy(hf, ids: list[int], sparsity: float, n: int) -> list[int]:
     def capture(i):
         def hook(module, args):
             if i in masks:
-                return (args[0] * masks[i],)
+                return (args[0] * masks[i].to(args[0].device),)
             seen[i] = args[0][0]  # the prompt's z [T, I]
         return hook
     handles = [layer.mlp.down_proj.register_forward_pre_hook(capture(i)) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
-            out = hf(torch.tensor([ids]), use_cache=True)
+            device = next(hf.parameters()).device
+            out = hf(torch.tensor([ids], device=device), use_cache=True)
             width = seen[0].shape[-1]
             for i, z in seen.items():
                 masks[i] = torch.zeros(width)
-                masks[i][torch.topk(griffin_scores(z), kept_neurons(width, sparsity)).indices] = 1.0
+                masks[i][torch.topk(griffin_scores(z.cpu()), kept_neurons(width, sparsity)).indices] = 1.0
             tokens = [int(out.logits[0, -1].argmax())]
             for _ in range(n - 1):
-                out = hf(torch.tensor([[tokens[-1]]]), cache=out.past_key_values, use_cache=True)
+                out = hf(torch.tensor([[tokens[-1]]], device=device), cache=out.past_key_values, use_cache=True)
                 tokens.append(int(out.logits[0, -1].argmax()))
     finally:
         for handle in handles:
@@ -48,11 +49,15 @@ def masked_greedy(hf, ids: list[int], sparsity: float, n: int) -> list[int]:
     return tokens
 
 
-@pytest.mark.parametrize("stream", ["resident", "prefixes"])
-def test_sparse_decode_equals_masked_transformers(stream, tiny_model_dir):
+@pytest.mark.parametrize("stream, device", [
+    ("resident", "cpu"), ("prefixes", "cpu"),
+    pytest.param("resident", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
+def test_sparse_decode_equals_masked_transformers(stream, device, tiny_model_dir):
     family, sparsity = "llama3", 0.5
     folder = tiny_model_dir(family)
-    options = dict(dtype="fp32", ctx=64, progress=False, sparsity=sparsity, mode="sparse", reuse_prefix=False)
+    options = dict(dtype="fp32", device=device, ctx=64, progress=False, sparsity=sparsity, mode="sparse",
+                   reuse_prefix=False)
     if stream == "prefixes":  # every layer streams; two keep their selected rows on the device
         model = ferry.load(folder, dtype="fp32", ctx=64, progress=False).model
         prefix = make_plan(model, dtype_bytes=4, budget_bytes=1 << 40, host_available_bytes=1 << 40,
@@ -60,7 +65,7 @@ def test_sparse_decode_equals_masked_transformers(stream, tiny_model_dir):
         options["gpu_memory"] = streaming_budget(model, resident=0, depth=2, ctx=64) + 2 * prefix
     engine = ferry.load(folder, **options)
     assert len(engine.plan.prefix_layers) == (2 if stream == "prefixes" else 0)
-    hf = tiny_hf_model(family)
+    hf = tiny_hf_model(family).to(device)
     dense = masked_greedy(hf, engine.encode(PROMPTS[0], chat=False), 0.0, N)
     assert dense != masked_greedy(hf, engine.encode(PROMPTS[0], chat=False), sparsity, N)  # the mask matters
     for prompt in PROMPTS + PROMPTS[:1]:  # later prompts reorder neurons another prompt ordered
