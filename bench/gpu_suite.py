@@ -184,7 +184,8 @@ def resident_steps(folder: Path, common: dict, prompt: str, args, read_gbps: flo
         read = c.sparse_read if options["mode"] == "sparse" else c.full_read
         floor = read / (read_gbps * 1e9)
         rows[name] = {"measured_s": measured["s"], "bytes_read": read, "floor_s": floor,
-                      "vs_floor": measured["s"] / floor, "launches": launches_per_step(engine, prompt, common["device"])}
+                      "vs_floor": measured["s"] / floor, "launches": launches_per_step(engine, prompt, common["device"]),
+                      "prefill_s": measured["prefill_s"], "select_s": measured["select_s"]}
         step_graphs.ENABLED = False  # the same engine without graphs: what they save
         try:
             rows[name]["no_graphs_s"] = time_engine(engine, prompt, args.new_tokens, args.runs)["s"]
@@ -206,17 +207,22 @@ def resident_steps(folder: Path, common: dict, prompt: str, args, read_gbps: flo
 
 def time_engine(engine, prompt: str, new_tokens: int, runs: int) -> dict:
     """Median decode s/token, decode bytes/token (all copies less the prefill's, which include
-    the selected rows' first upload), AAL."""
-    secs, moved, aals = [], [], []
+    the selected rows' first upload), AAL, and the median prefill and neuron selection seconds.
+    Runs alternate the prompt and its words reversed, so each selection is a new prompt's."""
+    secs, moved, aals, prefills, selects = [], [], [], [], []
     engine.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True, chat=False)  # warm up every path
-    for _ in range(runs):
-        st = engine.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True, chat=False).stats
+    for run in range(runs):
+        text = " ".join(reversed(prompt.split())) if run % 2 == 0 else prompt
+        st = engine.generate(text, max_new_tokens=new_tokens, ignore_eos=True, chat=False).stats
         secs.append(st.decode_s / max(1, st.new_tokens - 1))
         moved.append((st.h2d_bytes - st.prefill_h2d_bytes) / max(1, st.new_tokens - 1))
+        prefills.append(st.prefill_s)
+        selects.append(st.select_s)
         if st.aal is not None:
             aals.append(st.aal)
     return {"s": statistics.median(secs), "bytes": statistics.median(moved),
-            "aal": statistics.mean(aals) if aals else None}
+            "aal": statistics.mean(aals) if aals else None,
+            "prefill_s": statistics.median(prefills), "select_s": statistics.median(selects)}
 
 
 def time_transformers(folder: Path, device: str, budget: int, ids: list[int], new_tokens: int, runs: int) -> dict:
@@ -291,12 +297,14 @@ def main(argv: list[str] | None = None) -> dict:
         pred = predict_for_plan(engine.plan, gpu, period=args.period, aal=aal, schedule=schedule)
         rows[name] = {"measured_s": measured["s"], "predicted_s": pred[key].s_per_token,
                       "measured_bytes": measured["bytes"], "predicted_bytes": pred[key].bytes_per_token,
-                      "bound": pred[key].bound, "aal": measured["aal"]}
+                      "bound": pred[key].bound, "aal": measured["aal"],
+                      "prefill_s": measured["prefill_s"], "select_s": measured["select_s"]}
         if key == "ferry":
             rows["sirius as published"] = {"predicted_s": pred["sirius_published"].s_per_token,
                                            "predicted_bytes": pred["sirius_published"].bytes_per_token,
                                            "bound": pred["sirius_published"].bound, "aal": measured["aal"]}
-        log(f"{name}: {measured['s'] * 1e3:.1f} ms/token measured, {pred[key].s_per_token * 1e3:.1f} predicted")
+        log(f"{name}: {measured['s'] * 1e3:.1f} ms/token measured, {pred[key].s_per_token * 1e3:.1f} predicted; "
+            f"prefill {measured['prefill_s'] * 1e3:.0f} ms, selection {measured['select_s'] * 1e3:.0f} ms")
 
     def measure(schedule: str, modes: list[tuple[str, str, str]], **kwargs) -> None:
         """One load; modes: (row name, correction mode, prediction key). The engine (and its

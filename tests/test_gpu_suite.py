@@ -44,6 +44,11 @@ def test_tiny_suite_report(tmp_path):
         r = rows[name]
         assert r["measured_s"] > 0 and r["predicted_s"] > 0 and r["bound"] == "link"
         assert r["measured_bytes"] == pytest.approx(r["predicted_bytes"], rel=0.15), name
+    timed = [r for name, r in rows.items() if "measured_s" in r and not name.startswith("transformers")]
+    assert all(r["prefill_s"] > 0 and r["select_s"] >= 0 for r in timed + list(steps.values()))
+    for name in ("sparse only", "sirius pipelined", "int4 sirius pipelined"):  # Griffin selects per prompt
+        assert rows[name]["select_s"] > 0, name
+    assert rows["dense streaming"]["select_s"] == 0 and steps["resident dense int4"]["select_s"] == 0
     assert rows["sparse only"]["predicted_bytes"] < 0.7 * rows["dense streaming"]["predicted_bytes"]
     assert 1 <= rows["sirius pipelined"]["aal"] <= 4
     assert rows["sirius serial"]["predicted_s"] >= rows["sirius pipelined"]["predicted_s"]
