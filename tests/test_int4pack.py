@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ferry.kernels.int4pack import (BLOCK, int4_linear, int4_matrix, int8_matrix, layout_matches, pack, permute_rows,
-                                   supported, unpack)
+from ferry.kernels.gather import moved_rows
+from ferry.kernels.int4pack import (BLOCK, int4_linear, int4_matrix, int8_matrix, layout_matches, move_rows_, pack,
+                                   permute_rows, supported, unpack)
 from ferry.sparse.griffin import griffin_order
 from ferry.kernels.quant import Grouped
 
@@ -105,3 +106,31 @@ def test_permute_rows_refuses_what_it_cannot_do():
         permute_rows(packed, torch.arange(128) + 1)  # past the last row
     with pytest.raises(ValueError):
         permute_rows(packed, -torch.arange(128))  # before the first
+
+
+@pytest.mark.parametrize("n,k", [(64, 32), (512, 256)])
+@pytest.mark.parametrize("kind", ["griffin", "few", "none", "all"])
+def test_move_rows_in_place_is_the_permutation(n, k, kind):
+    g = torch.Generator().manual_seed(n + 7)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    if kind == "griffin":  # kept neurons stay, the rest trade places
+        order = griffin_order(torch.rand(n, generator=g), n // 2)
+    elif kind == "all":
+        order = torch.randperm(n, generator=g)
+    else:
+        order, pairs = torch.arange(n), torch.randperm(n, generator=g)[:(6 if kind == "few" else 0)].view(2, -1)
+        order[pairs[0]], order[pairs[1]] = pairs[1], pairs[0]
+    packed = pack(codes)
+    want = permute_rows(packed, order)
+    got = move_rows_(packed, order, moved_rows(order))
+    assert got is packed and torch.equal(got, want)
+    assert torch.equal(unpack(got), codes[order])
+
+
+def test_move_rows_refuses_places_the_order_does_not_move_among_themselves():
+    packed = pack(torch.randint(0, 16, (128, 32), dtype=torch.uint8))
+    order = torch.arange(128)
+    order[[3, 70]] = torch.tensor([70, 3])
+    for places in (torch.tensor([3]), torch.tensor([70, 3]), torch.tensor([3, 71])):
+        with pytest.raises(ValueError):
+            move_rows_(packed, order, places)

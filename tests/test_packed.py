@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ferry
+from ferry.kernels.gather import moved_rows
 from ferry.kernels.int4pack import layout_matches
 from ferry.kernels.reference import bundled_mlp
 from ferry.model import packed
@@ -33,13 +34,26 @@ def quantized_layer(method: str, bias: bool = True):
     return cfg, q, raw
 
 
+def reorder(n: int, moves: str) -> torch.Tensor:
+    """A permutation of n neurons: any ("all"), or a few traded pairs ("few": an in-place move)."""
+    g = torch.Generator().manual_seed(5)
+    if moves == "all":
+        return torch.randperm(n, generator=g)
+    order, pairs = torch.arange(n), torch.randperm(n, generator=g)[:n // 10 * 2].view(2, -1)
+    order[pairs[0]], order[pairs[1]] = pairs[1], pairs[0]
+    return order
+
+
 @pytest.mark.parametrize("method", ["int4", "int8"])
 @pytest.mark.parametrize("rows", [256, 100, 64])
-def test_packed_layer_equals_dequantized_layer(method, rows):
+@pytest.mark.parametrize("moves", ["all", "few"])
+def test_packed_layer_equals_dequantized_layer(method, rows, moves):
     cfg, q, raw = quantized_layer(method)
     assert can_pack(q, torch.device("cpu"))
-    order = torch.randperm(cfg.intermediate_size, generator=torch.Generator().manual_seed(5))
-    layer = pack_layer(q, raw, torch.float32).reordered(order)
+    order = reorder(cfg.intermediate_size, moves)
+    packed = pack_layer(q, raw, torch.float32)
+    layer = packed.reordered(order, moved_rows(order))
+    assert (layer.gate is packed.gate) == (moves == "few")  # a few rows move in place
     records = raw[q.mlp_offset:].view(cfg.intermediate_size, q.row_numel)
     records.copy_(records[order])  # the same reorder on the bytes the reference dequantizes
     flat = torch.zeros(q.base.numel)

@@ -19,7 +19,8 @@ Packed layout (checked against torch's own packing by `layout_matches`): rows in
 byte [k, i] of block b holds row 64 b + i (low nibble) and row 64 b + 32 + i (high nibble) at
 column k. A prefix of whole blocks is therefore a byte prefix, which is what a sparse step over
 the first neurons uses. `permute_rows` reorders rows packed to packed (Griffin's reorder, once per
-prompt); `pack(unpack(packed)[order])` is its reference.
+prompt), and `move_rows_` in place when few rows move; `pack(unpack(packed)[order])` is their
+reference.
 """
 
 from __future__ import annotations
@@ -118,6 +119,52 @@ def _permute_blocks(src: np.ndarray, order: np.ndarray, out: np.ndarray) -> None
                 hi = (flat[at[lanes + i]] >> shift[lanes + i]) & 15
                 out[b, k, i] = lo | (hi << 4)
             at += lanes
+
+
+def move_rows_(packed: torch.Tensor, order: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+    """In place, what `permute_rows(packed, order)` gives when `order` moves only the rows
+    `places` (ascending, as `gather.moved_rows` finds them): work in proportion to the moved
+    rows, for a reorder that changes few (at 8B's gate, 10% of the rows: 6 ms against 14)."""
+    n, half = packed.shape
+    sources = order.to(torch.int64)[places]
+    if n % BLOCK or order.shape != (n,) or packed.dtype != torch.uint8 or not packed.is_contiguous():
+        raise ValueError(f"move_rows_: contiguous uint8 codes of whole {BLOCK}-row blocks and one index a row "
+                         f"(got {tuple(packed.shape)} {packed.dtype}, order {tuple(order.shape)})")
+    if places.numel() and not (0 <= int(places[0]) and int(places[-1]) < n and bool((places[1:] > places[:-1]).all())
+                               and torch.equal(sources.sort().values, places)):
+        raise ValueError("move_rows_: `places` must be ascending rows that `order` maps among themselves")
+    blocks = (n // BLOCK, half * 2, BLOCK // 2)
+    codes = packed.numpy().reshape(blocks)
+    held = np.empty((places.numel(), half * 2), np.uint8)
+    run_parallel(_read_rows, codes, sources.numpy(), held)
+    bounds = torch.searchsorted(places, torch.arange(0, n + BLOCK, BLOCK)).unique_consecutive()  # by block
+    run_parallel(_write_rows, codes, places.to(torch.int64).numpy(), held, bounds.numpy())
+    return packed
+
+
+@numba.njit(parallel=True, cache=True)
+def _read_rows(src: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[j] <- the codes of row rows[j], one a column."""
+    lanes = src.shape[2]
+    for j in numba.prange(rows.shape[0]):
+        r = rows[j]
+        b, lane, shift = r // (2 * lanes), r % lanes, 4 * ((r % (2 * lanes)) // lanes)
+        for k in range(src.shape[1]):
+            out[j, k] = (src[b, k, lane] >> shift) & 15
+
+
+@numba.njit(parallel=True, cache=True)
+def _write_rows(dst: np.ndarray, rows: np.ndarray, codes: np.ndarray, bounds: np.ndarray) -> None:
+    """Row rows[j] <- codes[j]. `bounds` splits rows by block, so each thread owns whole blocks:
+    the two nibbles of a byte are two rows of one block."""
+    lanes = dst.shape[2]
+    for t in numba.prange(bounds.shape[0] - 1):
+        for j in range(bounds[t], bounds[t + 1]):
+            r = rows[j]
+            b, lane, shift = r // (2 * lanes), r % lanes, 4 * ((r % (2 * lanes)) // lanes)
+            keep = np.uint8(0xF0) if shift == 0 else np.uint8(0x0F)
+            for k in range(dst.shape[1]):
+                dst[b, k, lane] = (dst[b, k, lane] & keep) | (codes[j, k] << shift)
 
 
 @lru_cache(maxsize=None)

@@ -55,10 +55,16 @@ class PackedMatrix:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return int4_linear(x, self.parts)
 
-    def permuted(self, order: torch.Tensor) -> "PackedMatrix":
-        """Rows in `order` (whole blocks only)."""
-        return PackedMatrix(tuple(Int4Matrix(int4pack.permute_rows(p.packed, order),
-                                             torch.index_select(p.table, 1, order), p.group) for p in self.parts))
+    def permuted(self, order: torch.Tensor, places: torch.Tensor) -> "PackedMatrix":
+        """Rows in `order` (whole blocks only), which moves the rows `places` (ascending). When
+        they are few, in place: this matrix, its rows moved."""
+        if 4 * places.numel() > self.shape[0]:  # a pass over every row is quicker
+            return PackedMatrix(tuple(Int4Matrix(int4pack.permute_rows(p.packed, order),
+                                                 torch.index_select(p.table, 1, order), p.group) for p in self.parts))
+        for p in self.parts:
+            int4pack.move_rows_(p.packed, order, places)
+            p.table.index_copy_(1, places, p.table.index_select(1, order[places]))
+        return self
 
 
 def packed_matrix(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
@@ -155,9 +161,11 @@ class PackedLayer:
         mlp = PackedMLP(gate, up, self.down, self.index[:blocks], rows)
         return LayerWeights(**self.attention, mlp=(mlp,), mlp_threshold=threshold)
 
-    def reordered(self, order: torch.Tensor) -> "PackedLayer":
-        """Neurons in `order` (a permutation of the current order), as Griffin's reorder wants."""
-        return replace(self, gate=self.gate.permuted(order), up=self.up.permuted(order), index=self.index[order])
+    def reordered(self, order: torch.Tensor, places: torch.Tensor) -> "PackedLayer":
+        """Neurons in `order` (a permutation of the current order, moving the neurons at
+        `places`), as Griffin's reorder wants; gate and up may be moved in place."""
+        return replace(self, gate=self.gate.permuted(order, places), up=self.up.permuted(order, places),
+                       index=self.index[order])
 
 
 def can_pack(q: QuantLayout, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:

@@ -181,7 +181,7 @@ class LayerStore:
             if not places.numel():
                 continue
             if layer in self.packed:
-                self.packed[layer] = self.packed[layer].reordered(order.to(self.device))
+                self.packed[layer] = self.packed[layer].reordered(order.to(self.device), places.to(self.device))
                 self.epoch += 1
                 continue
             flat = self.resident.get(layer, self.host.get(layer))
