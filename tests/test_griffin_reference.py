@@ -63,6 +63,7 @@ def test_sparse_decode_equals_masked_transformers(stream, device, tiny_model_dir
         prefix = make_plan(model, dtype_bytes=4, budget_bytes=1 << 40, host_available_bytes=1 << 40,
                            ctx=64, sparsity=sparsity).prefix_bytes
         options["gpu_memory"] = streaming_budget(model, resident=0, depth=2, ctx=64) + 2 * prefix
+        options["emulate_link_gbps"] = 50.0  # copies on the link's own thread, as a GPU's are on its stream
     engine = ferry.load(folder, **options)
     assert len(engine.plan.prefix_layers) == (2 if stream == "prefixes" else 0)
     hf = tiny_hf_model(family).to(device)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ferry
+from ferry.kernels.gather import moved_rows
 from ferry.model.quant import QuantConfig
 from ferry.offload.planner import make_plan
 from helpers import streaming_budget
@@ -105,8 +106,8 @@ def test_conversation_on_the_default_model_reuses_the_previous_turn():
 @pytest.mark.parametrize("quant", ["none", "int4"])
 def test_device_prefixes_follow_each_reorder_copying_only_moved_records(quant, tiny_model_dir):
     """After every selection, a prefix-resident layer's device prefix equals its host buffer's
-    first records. A turn extending the last one moves few neurons, and its selection copies
-    less than the whole prefixes; a new prompt's moves more."""
+    first records. A new prefix is copied whole; after that a selection copies exactly the
+    records that moved inside the prefix, few for a turn extending the last one."""
     folder = tiny_model_dir("qwen2")
     model = ferry.load(folder, dtype="fp32", ctx=96, progress=False).model
     plan = make_plan(model, dtype_bytes=4, budget_bytes=1 << 40, host_available_bytes=1 << 40, ctx=96, sparsity=0.5,
@@ -117,18 +118,19 @@ def test_device_prefixes_follow_each_reorder_copying_only_moved_records(quant, t
     engine = ferry.load(folder, dtype="fp32", ctx=96, progress=False, sparsity=0.5, gpu_memory=budget, **options)
     store = engine.runtime.executor.store
     assert len(store.prefix_layers) == 2, engine.plan
-    copied = []  # elements copied to the device by each selection
+    copied, inside = [], []  # per selection: elements copied to the device; moved records inside prefixes
     reorder, copy = store.reorder_neurons, store.link.copy
 
-    def counted_reorder(*args):
+    def counted_reorder(orders, rows):
         copied.append(0)
+        inside.append(sum(int((moved_rows(orders[layer]) < rows).sum()) for layer in store.prefix_layers))
 
         def counted_copy(dst, src, **kw):
             copied[-1] += dst.numel()
             return copy(dst, src, **kw)
         store.link.copy = counted_copy
         try:
-            reorder(*args)
+            reorder(orders, rows)
         finally:
             store.link.copy = copy
     store.reorder_neurons = counted_reorder
@@ -140,11 +142,10 @@ def test_device_prefixes_follow_each_reorder_copying_only_moved_records(quant, t
 
     one = engine.generate(FIRST, max_new_tokens=N, chat=False, ignore_eos=True)
     assert prefixes_match()
-    whole = len(store.prefix_layers) * store.fmt.prefix_numel(store.rows)
-    assert copied == [whole]  # new prefixes: copied whole
+    assert copied == [len(store.prefix_layers) * store.fmt.prefix_numel(store.rows)]  # new prefixes: whole
     engine.generate(FIRST + one.text + " three four", max_new_tokens=2, chat=False, ignore_eos=True)
     assert prefixes_match()
     engine.generate("def add(a, b): return a + b", max_new_tokens=2, chat=False, ignore_eos=True)
     assert prefixes_match()
-    follow_up, new_prompt = copied[1:]
-    assert follow_up < new_prompt < whole  # the attention part is never copied again
+    assert copied[1:] == [records * store.fmt.row_numel for records in inside[1:]]  # the moved records only
+    assert 0 < inside[1] < inside[2]  # a follow-up moves fewer than a new prompt

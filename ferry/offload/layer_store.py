@@ -176,7 +176,8 @@ class LayerStore:
         self._forget_views()  # before replacing packed layers: cached views would keep the old ones alive
         moved = [moved_rows(order) for order in orders]
         most = max((places.numel() for layer, places in enumerate(moved) if layer not in self.packed), default=0)
-        staging, used_slot = None, None
+        same_prefix = rows == self.rows and self.thresholds is None  # device prefixes keep their size
+        staging, used_slots = None, set()
         for layer, (order, places) in enumerate(zip(orders, moved)):
             if not places.numel():
                 continue
@@ -187,14 +188,16 @@ class LayerStore:
             flat = self.resident.get(layer, self.host.get(layer))
             bundle = flat[self.fmt.mlp_offset:].view(self.fmt.intermediate_size, -1)
             if staging is None or staging.device != bundle.device:
-                staging, slot = self._scratch(bundle, most)
-                used_slot = used_slot if slot is None else slot
+                staging, staging_slot = self._scratch(bundle, most)
+                used_slots.add(staging_slot)
             held = staging[:places.numel()]
             # in place, moved rows only: captured step graphs (step_graphs.py) stay valid
             gather_rows(bundle, order[places].to(bundle.device), held)
             scatter_rows(held, places.to(bundle.device), bundle)
-        if used_slot is not None:  # the next copy into that slot waits for the gathers queued on it
-            self.slots.free(used_slot)
+            if same_prefix and layer in self.prefix_buffers:
+                used_slots.add(self._update_prefix(layer, places, held, busy={staging_slot}))
+        for slot in used_slots - {None}:  # the next copy into a slot waits for the work queued on it
+            self.slots.free(slot)
         n = self.layout.intermediate_size
         if rows != self.rows or self.thresholds is not None or rows == n:
             self.epoch += 1  # SPARSE passes read other rows (all selected: no prefix at all)
@@ -202,35 +205,45 @@ class LayerStore:
             self.prefix_buffers.clear()
         self.rows, self.thresholds = rows, None
         for layer in self.prefix_layers if rows < n else ():
-            self._load_prefix(layer, moved[layer])
+            self._new_prefix(layer)
         self._forget_views()
 
-    def _load_prefix(self, layer: int, moved: torch.Tensor) -> None:
-        """Bring a layer's device prefix up to date with its host buffer, just reordered (`moved`:
-        the places that changed): a new prefix is copied whole; one already there gets the span
-        of records from the first to the last moved one inside it, if any."""
-        size, buffer = self.fmt.prefix_numel(self.rows), self.prefix_buffers.get(layer)
-        if buffer is None or buffer.numel() != size:
-            buffer = self.prefix_buffers[layer] = torch.empty(size, dtype=self.fmt_dtype, device=self.device)
-            self.epoch += 1
-            start, end = 0, size
-        else:
-            inside = moved[moved < self.rows]
-            if not inside.numel():
-                return
-            start, end = self.fmt.prefix_numel(int(inside[0])), self.fmt.prefix_numel(int(inside[-1]) + 1)
-        # after the compute queued so far: a new buffer may reuse memory it still reads
-        self.link.wait(self.link.copy(buffer[start:end], self.host[layer][start:end], after=self.link.compute_done()))
+    def _update_prefix(self, layer: int, places: torch.Tensor, held: torch.Tensor, busy: set) -> int | None:
+        """A device prefix follows its host layer's reorder: the records that moved inside it
+        (their new contents: the first rows of `held`, as `places` ascend) go over the link into
+        room on the device (not in the `busy` slot holding `held`) and are scattered to their
+        places. Returns the slot that room was in."""
+        inside = int((places < self.rows).sum())
+        if not inside:
+            return None
+        mlp = self.prefix_buffers[layer][self.fmt.mlp_offset:].view(self.rows, -1)
+        room, slot = self._scratch(mlp, inside, busy)
+        # after the compute queued so far: it may still read the room (a slot) or these records
+        ticket = self.link.copy(room, held[:inside], after=self.link.compute_done())
+        self.link.wait(ticket)
+        scatter_rows(room, places[:inside].to(mlp.device), mlp)
+        self.link.finish(ticket)  # the host staging is rewritten for the next layer
+        return slot
 
-    def _scratch(self, like: torch.Tensor, rows: int) -> tuple[torch.Tensor, int | None]:
-        """Room for `rows` rows of `like`, and the slot it is in: a streaming slot where one is on
-        its device (idle now: the caller drained the copies, and compute still reading it runs
-        first on the same stream), so a device full of resident layers needs no more memory;
-        else a new buffer (slot None)."""
+    def _new_prefix(self, layer: int) -> None:
+        """A device prefix for the selected rows, copied whole, where there is none of their size."""
+        size, buffer = self.fmt.prefix_numel(self.rows), self.prefix_buffers.get(layer)
+        if buffer is not None and buffer.numel() == size:
+            return
+        buffer = self.prefix_buffers[layer] = torch.empty(size, dtype=self.fmt_dtype, device=self.device)
+        self.epoch += 1
+        # after the compute queued so far: a new buffer may reuse memory it still reads
+        self.link.wait(self.link.copy(buffer, self.host[layer][:size], after=self.link.compute_done()))
+
+    def _scratch(self, like: torch.Tensor, rows: int, busy: set = frozenset()) -> tuple[torch.Tensor, int | None]:
+        """Room for `rows` rows of `like`, and the slot it is in: a streaming slot not in `busy`
+        where one is on its device (idle now: the caller drained the copies, and compute still
+        reading it runs first on the same stream), so a device full of resident layers needs no
+        more memory; else a new buffer (slot None)."""
         shape = (rows,) + tuple(like.shape[1:])
         numel = rows * like[0].numel()
         for slot, buf in enumerate(self.slots.buffers if self.slots is not None else ()):
-            if buf.device == like.device and buf.dtype == like.dtype and buf.numel() >= numel:
+            if slot not in busy and buf.device == like.device and buf.dtype == like.dtype and buf.numel() >= numel:
                 return buf[:numel].view(shape), slot
         return torch.empty(shape, dtype=like.dtype, device=like.device), None
 
