@@ -7,8 +7,8 @@ After the prefill, Griffin reorders every layer's neurons so the kept ones form 
    resident or every layer streamed with its selected prefix on the device): the median
    `select_s` of a new prompt (no prefix reuse) and of a follow-up turn that extends the last
    prompt and answer (Griffin adds the new tokens' scores to the old).
-2. One Llama-3.1-70B int4 (groups of 128) layer's neuron records, 28672 rows of 12.4 KB in
-   host memory: a reorder that gathers every row and copies the layer back (the baseline), against
+2. One Llama-3.1-70B int4 (groups of 128) layer's neuron records, 28672 records of 12,816 bytes
+   (the layout's own size, from the config in tests/data) in host memory: a reorder that gathers every row and copies the layer back (the baseline), against
    gathering and scattering only the rows an order moves, for the moved fractions measured in
    part 1 (interleaved, medians).
 
@@ -22,11 +22,14 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 import ferry
 from ferry.kernels.gather import gather_rows, moved_rows, scatter_rows
+from ferry.model.config import ModelConfig
+from ferry.model.quant import QuantConfig, QuantLayout
 from ferry.offload.layer_store import LayerStore
 
 PROMPTS = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -34,7 +37,16 @@ PROMPTS = ["Write a short story about a lighthouse keeper who finds a message in
 CONFIGS = {"bf16 resident": dict(quant="none"), "int4 resident (packed)": dict(quant="auto"),
            "bf16 prefixes on device": dict(quant="none", gpu_memory="400MiB"),
            "int4 prefixes on device": dict(quant="auto", gpu_memory="200MiB")}
-ROWS, RECORD = 28672, 3 * 8192 // 2 + 3 * 8192 // 128 * 4 + 16  # a 70B int4 G128 layer's neuron records
+LLAMA_70B = Path(__file__).resolve().parents[1] / "tests" / "data" / "llama-3.1-70b-config.json"
+
+
+def layer_records() -> tuple[int, int]:
+    """Records a Llama-3.1-70B int4 G128 layer holds, and the bytes of one."""
+    from transformers import LlamaConfig
+
+    cfg = ModelConfig.from_hf(LlamaConfig(**json.loads(LLAMA_70B.read_text())))
+    layout = QuantLayout.for_config(cfg, QuantConfig("int4", group_size=128))
+    return cfg.intermediate_size, layout.row_numel
 
 
 def engine_selection(args, moved: dict) -> dict:
@@ -72,11 +84,12 @@ def engine_selection(args, moved: dict) -> dict:
 
 def record_reorder(args, fractions: dict) -> dict:
     """ms to reorder one 70B layer's records: every row (baseline) against the moved rows only."""
-    records = torch.randint(0, 255, (ROWS, RECORD), dtype=torch.uint8)
+    rows, record = layer_records()
+    records = torch.randint(0, 255, (rows, record), dtype=torch.uint8)
     staging = torch.zeros_like(records)
     orders = {}
     for turn, fraction in fractions.items():
-        order, pairs = torch.arange(ROWS), torch.randperm(ROWS)[:int(fraction * ROWS) // 2 * 2].view(2, -1)
+        order, pairs = torch.arange(rows), torch.randperm(rows)[:int(fraction * rows) // 2 * 2].view(2, -1)
         order[pairs[0]], order[pairs[1]] = pairs[1], pairs[0]
         orders[turn] = (order, moved_rows(order))
     times = {"every row": []} | {turn: [] for turn in orders}
@@ -109,7 +122,8 @@ def main() -> None:
     for name, row in engines.items():
         print(f"{name:<26}{row['new_prompt_s'] * 1e3:12.1f}{row['follow_up_s'] * 1e3:12.1f}")
     print("rows a selection moves: " + ", ".join(f"{turn} {f:.0%}" for turn, f in fractions.items()))
-    print(f"one 70B int4 layer's records ({ROWS * RECORD / 1e6:.0f} MB): reorder ms (median)")
+    rows, record = layer_records()
+    print(f"one 70B int4 layer's records ({rows} of {record} bytes, {rows * record / 1e6:.0f} MB): reorder ms (median)")
     print(f"  gather every row and copy back: {layer['every row'] * 1e3:.1f}")
     for turn, fraction in fractions.items():
         print(f"  moved rows only, {turn} ({fraction:.0%} moved): {layer[turn] * 1e3:.1f}"
