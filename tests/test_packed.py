@@ -213,6 +213,30 @@ def test_second_turn_on_packed_layers_equals_cold(tiny_model_dir, quant_cache):
     assert two.token_ids == cold.generate(second, max_new_tokens=8, chat=False, ignore_eos=True).token_ids
 
 
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_follow_up_turns_move_packed_rows_in_place_as_the_reference_does(method, tiny_model_dir, quant_cache,
+                                                                           monkeypatch):
+    """Sparse steps (no correction to hide a wrong row) over turns that extend each other: a
+    follow-up moves few neurons, which the packed layers move in place; every turn's tokens
+    equal the dequantizing engine's, which gathers the record rows."""
+    from ferry.kernels import int4pack
+
+    folder = tiny_model_dir("llama3-blocks")
+    options = dict(quant=method, ctx=96, sparsity=0.5, mode="sparse")
+    fast, ref = load(folder, True, **options), load(folder, False, **options)
+    assert packed_layers(fast) == 4 and packed_layers(ref) == 0
+    in_place = []
+    move = int4pack.move_rows_
+    monkeypatch.setattr(int4pack, "move_rows_", lambda *args: in_place.append(1) or move(*args))
+    text = "The capital of France"
+    for words in (" is", " and then", " one two three"):
+        got = fast.generate(text, max_new_tokens=6, chat=False, ignore_eos=True)
+        want = ref.generate(text, max_new_tokens=6, chat=False, ignore_eos=True)
+        assert got.token_ids == want.token_ids
+        text += got.text + words
+    assert in_place  # some follow-up took the in-place path
+
+
 def test_packed_resident_and_tiled_streamed_layers_together(tiny_model_dir, quant_cache):
     """One layer resident (packed), three streamed through tiles: the dequantized engine's output."""
     folder = tiny_model_dir("qwen2-blocks")
