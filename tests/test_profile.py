@@ -57,6 +57,9 @@ def test_report_agrees_with_the_generation(sirius_run):
     assert r["phases"]["sparse_step"]["count"] == stats.sparse_steps >= 1
     in_passes = sum(p["total_s"] for p in r["phases"].values())
     assert 0.3 * r["total_s"] < in_passes <= r["total_s"]
+    assert r["select_s"] == stats.select_s > 0  # Griffin selected after the prefill
+    assert r["other_s"] >= 0 and in_passes + r["select_s"] + r["other_s"] == pytest.approx(r["total_s"])
+    assert "selection" in format_report(r)
     for p in run.passes:  # layers sit inside their pass; every layer appears once per pass
         assert [x["layer"] for x in p["layers"]] == list(range(engine.model.num_layers))
         assert p["wait_s"] + p["compute_s"] <= p["dur_s"] + 1e-6

@@ -53,7 +53,9 @@ def _phase_table(r: dict) -> list[str]:
     for name, p in r["phases"].items():
         rows.append(f"{PHASE_NAMES[name]:<12}{p['count']:>6}{_ms(p['total_s']):>11}{_ms(p['mean_s']):>10}"
                     f"{_ms(p['max_s']):>10}{_ms(p['wait_s']):>10}{_ms(p['compute_s']):>12}")
-    rows.append(f"{'other':<12}{'':>6}{_ms(r['other_s']):>11}   sampling, acceptance, neuron selection, Python")
+    if r["select_s"]:
+        rows.append(f"{'selection':<12}{'':>6}{_ms(r['select_s']):>11}   Griffin's neurons: reorders, prefix copies")
+    rows.append(f"{'other':<12}{'':>6}{_ms(r['other_s']):>11}   tokenizing, sampling, acceptance, Python")
     rows.append(f"{'total':<12}{'':>6}{_ms(r['total_s']):>11}")
     return rows
 

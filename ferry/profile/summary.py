@@ -41,7 +41,8 @@ def summarize(engine: Engine, run: Run, prediction: dict | None = None) -> dict:
         "end_to_end_tokens_per_s": len(tokens) / run.total_s if run.total_s > 0 else 0.0,
         "token_latency_s": _percentiles(gaps),
         "phases": phases,
-        "other_s": run.total_s - in_passes,  # sampling, acceptance, neuron selection, Python
+        "select_s": s.select_s,  # Griffin's neuron selection after the prefill (reorders, prefix copies)
+        "other_s": run.total_s - in_passes - s.select_s,  # tokenizing, sampling, acceptance, Python
         "per_layer": _per_layer(engine.plan, engine.model.num_layers, run.passes),
         "link": {"bytes": s.h2d_bytes, "copies": len(run.copies), "gbps": s.h2d_gbps,
                  "overlap": s.overlap, "bytes_per_token": s.h2d_bytes_per_token},
