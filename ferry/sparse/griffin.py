@@ -32,10 +32,10 @@ def griffin_order(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     Reordering a layer's neurons this way makes the selected set a contiguous prefix of the MLP
     bundle; the MLP itself is unchanged by any permutation of its neurons. A reorder moves only
-    the traded rows (`ferry.kernels.gather.moved_rows`): about half the neurons after a cold prefill, and few for a
-    prompt extending the last one, whose summed scores change little. The prefix stays two
-    ascending runs of places merged, so neighbouring records mostly share down_proj groups (the
-    GPU columns kernel's table reads, `ferry.kernels.gemv_triton`).
+    the traded rows (`ferry.kernels.gather.moved_rows`): about half the neurons after a cold
+    prefill, and few for a prompt extending the last one, whose summed scores change little. The
+    prefix stays two ascending runs of places merged, so neighbouring records mostly share
+    down_proj groups (the GPU columns kernel's table reads, `ferry.kernels.gemv_triton`).
     """
     chosen = torch.zeros_like(scores, dtype=torch.bool)
     chosen[torch.topk(scores, k, sorted=False).indices] = True
